@@ -1,0 +1,197 @@
+//! Which images get ECR credentials, and the credentials themselves.
+//!
+//! Sits between the proxy and the token cache: the proxy asks with an image
+//! name, this module matches it (explicit `[[registries]]` entries first,
+//! then the ECR patterns) and asks the cache for the right key.
+
+use std::fmt;
+
+use crate::config::{CredentialsConfig, ExistingCredentials};
+use crate::ecr::{CacheOutcome, EcrHost, SourceError, TokenCache, TokenKey};
+use crate::image_ref::ImageRef;
+use crate::pull::Credentials;
+
+/// Where an image's credentials come from.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The image's own registry host (with port), as the caller wrote it.
+    pub image_host: String,
+    /// The ECR registry whose token is used.
+    pub registry: EcrHost,
+    /// The cache key.
+    pub key: TokenKey,
+    /// The pattern that matched.
+    pub pattern: String,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("image_host", &self.image_host)
+            .field("key", &self.key)
+            .field("pattern", &self.pattern)
+            .finish()
+    }
+}
+
+/// Matches images and hands out credentials.
+#[derive(Clone)]
+pub struct Resolver {
+    config: CredentialsConfig,
+    cache: TokenCache,
+}
+
+impl Resolver {
+    /// A resolver for `config`, with tokens from `cache`.
+    pub fn new(config: CredentialsConfig, cache: TokenCache) -> Self {
+        Resolver { config, cache }
+    }
+
+    /// The policy for requests that already carry credentials.
+    pub fn existing_credentials(&self) -> ExistingCredentials {
+        self.config.existing_credentials
+    }
+
+    /// The token cache.
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    /// Which registry's token `image` gets, if any. Invalid references never
+    /// match.
+    pub fn target(&self, image: &str) -> Option<Target> {
+        let r = ImageRef::parse(image)?;
+        // kubelet compares the pattern's path against the image's path with
+        // its tag (`URLsMatchStr` on the whole reference).
+        let path = match (&r.tag, &r.digest) {
+            (Some(t), _) => format!("{}:{t}", r.path),
+            (None, Some(d)) => format!("{}@{d}", r.path),
+            (None, None) => r.path.clone(),
+        };
+        for rule in &self.config.registries {
+            if let Some(p) = rule.patterns.iter().find(|p| p.matches(&r.domain, &path)) {
+                return Some(Target {
+                    image_host: r.domain.clone(),
+                    registry: rule.registry.clone(),
+                    key: TokenKey::for_host(&rule.registry, rule.role.clone()),
+                    pattern: p.as_str().to_owned(),
+                });
+            }
+        }
+        let p = self
+            .config
+            .ecr_patterns
+            .iter()
+            .find(|p| p.matches(&r.domain, &path))?;
+        // The glob decides coverage; the host must also be a real ECR host
+        // (12-digit account, a region), which rules out look-alikes.
+        let host = EcrHost::parse(r.host())?;
+        Some(Target {
+            image_host: r.domain.clone(),
+            key: TokenKey::for_host(&host, None),
+            registry: host,
+            pattern: p.as_str().to_owned(),
+        })
+    }
+
+    /// Credentials for `target`.
+    pub async fn credentials(
+        &self,
+        target: &Target,
+    ) -> Result<(Credentials, CacheOutcome), SourceError> {
+        self.cache.get(&target.key).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Cli, Config};
+    use crate::ecr::{CredentialSource, Token};
+    use clap::Parser;
+    use futures_util::future::BoxFuture;
+    use std::sync::Arc;
+
+    struct Never;
+    impl CredentialSource for Never {
+        fn fetch(&self, _: &TokenKey) -> BoxFuture<'static, Result<Token, SourceError>> {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    fn resolver(toml: &str) -> Resolver {
+        let config = Config::from_toml(toml, &Cli::parse_from(["x"])).unwrap();
+        Resolver::new(config.credentials, TokenCache::new(Arc::new(Never), None))
+    }
+
+    #[test]
+    fn default_patterns_match_ecr_and_nothing_that_looks_like_it() {
+        let r = resolver("");
+        let yes = [
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com/app:v1",
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "123456789012.dkr.ecr-fips.us-gov-west-1.amazonaws.com/app",
+            "123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn/app",
+            "123456789012.dkr-ecr.eu-west-1.on.aws/app",
+            "123456789012.dkr.ecr.us-isob-east-1.sc2s.sgov.gov/app",
+        ];
+        for image in yes {
+            assert!(r.target(image).is_some(), "{image} should match");
+        }
+        let no = [
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com.evil.example/app",
+            "evil.example/123456789012.dkr.ecr.us-east-1.amazonaws.com/app",
+            "x123456789012.dkr.ecr.us-east-1.amazonaws.com/app",
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com:443/app",
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com/App",
+            "1234567890123.dkr.ecr.us-east-1.amazonaws.com/app",
+            "public.ecr.aws/nginx/nginx",
+            "docker.io/library/busybox",
+            "busybox",
+            "",
+            "not a reference",
+        ];
+        for image in no {
+            assert!(r.target(image).is_none(), "{image} should not match");
+        }
+    }
+
+    #[test]
+    fn one_token_key_serves_every_account_in_a_region() {
+        let r = resolver("");
+        let a = r
+            .target("111111111111.dkr.ecr.us-east-1.amazonaws.com/a")
+            .unwrap();
+        let b = r
+            .target("222222222222.dkr.ecr.us-east-1.amazonaws.com/b")
+            .unwrap();
+        let c = r
+            .target("222222222222.dkr.ecr.us-west-2.amazonaws.com/b")
+            .unwrap();
+        let d = r
+            .target("222222222222.dkr.ecr-fips.us-east-1.amazonaws.com/b")
+            .unwrap();
+        assert_eq!(a.key, b.key);
+        assert_ne!(a.key, c.key);
+        assert_ne!(a.key, d.key);
+    }
+
+    #[test]
+    fn registries_entries_map_mirrors_to_ecr_and_come_first() {
+        let r = resolver(
+            "default_patterns = false\n[[registries]]\npatterns = [\"mirror.internal:5000/team\"]\nregistry = \"210987654321.dkr.ecr.eu-west-1.amazonaws.com\"\nrole_arn = \"arn:aws:iam::210987654321:role/pull\"",
+        );
+        let t = r.target("mirror.internal:5000/team/app:v1").unwrap();
+        assert_eq!(t.registry.region, "eu-west-1");
+        assert_eq!(
+            t.key.role.as_ref().unwrap().arn,
+            "arn:aws:iam::210987654321:role/pull"
+        );
+        assert!(r.target("mirror.internal:5000/other/app").is_none());
+        assert!(r.target("mirror.internal/team/app").is_none());
+        // default_patterns = false turns the ECR patterns off.
+        assert!(r
+            .target("123456789012.dkr.ecr.us-east-1.amazonaws.com/app")
+            .is_none());
+    }
+}

@@ -1,0 +1,289 @@
+//! The real token source: ECR `GetAuthorizationToken` through the AWS SDK,
+//! with the default credential chain and, per registry entry, STS
+//! `AssumeRole`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_ecr::config::Region;
+use aws_sdk_ecr::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_types::error::display::DisplayErrorContext;
+use aws_smithy_types::timeout::TimeoutConfig;
+use base64::Engine;
+use futures_util::future::BoxFuture;
+
+use super::{CredentialSource, ErrorKind, SourceError, Token, TokenKey};
+use crate::pull::Credentials;
+
+/// Pinned so that an SDK upgrade cannot change retry or timeout defaults
+/// behind our back.
+pub fn behavior_version() -> BehaviorVersion {
+    BehaviorVersion::v2026_01_12()
+}
+
+/// Session name used for `AssumeRole`, visible in CloudTrail.
+pub const ROLE_SESSION_NAME: &str = "ecr-pull-proxy";
+
+/// Loads the shared AWS configuration (environment, profile files, web
+/// identity, container and instance-metadata credentials, endpoint
+/// overrides such as `AWS_ENDPOINT_URL`).
+pub async fn load_sdk_config(timeout: Duration) -> SdkConfig {
+    aws_config::defaults(behavior_version())
+        .timeout_config(timeout_config(timeout))
+        .load()
+        .await
+}
+
+fn timeout_config(timeout: Duration) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .operation_timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(3)))
+        .build()
+}
+
+type Clients = Arc<Mutex<HashMap<TokenKey, aws_sdk_ecr::Client>>>;
+
+/// ECR through the AWS SDK. The shared configuration is loaded on the first
+/// fetch (so start-up never waits on instance metadata), and one client per
+/// token key is built on first use.
+pub struct AwsSource {
+    base: Arc<tokio::sync::OnceCell<SdkConfig>>,
+    timeout: Duration,
+    clients: Clients,
+}
+
+impl AwsSource {
+    /// A source with `timeout` on every call.
+    pub fn new(timeout: Duration) -> Self {
+        AwsSource {
+            base: Arc::default(),
+            timeout,
+            clients: Arc::default(),
+        }
+    }
+
+    async fn client(
+        base: &tokio::sync::OnceCell<SdkConfig>,
+        timeout: Duration,
+        clients: &Clients,
+        key: &TokenKey,
+    ) -> aws_sdk_ecr::Client {
+        if let Some(c) = clients.lock().expect("clients lock").get(key) {
+            return c.clone();
+        }
+        let base = base.get_or_init(|| load_sdk_config(timeout)).await;
+        let region = Region::new(key.region.clone());
+        let mut conf = aws_sdk_ecr::config::Builder::from(base)
+            .region(region.clone())
+            .use_fips(key.variant.fips)
+            .use_dual_stack(key.variant.dual_stack)
+            .timeout_config(timeout_config(timeout));
+        if let Some(role) = &key.role {
+            let mut builder = aws_config::sts::AssumeRoleProvider::builder(role.arn.clone())
+                .session_name(ROLE_SESSION_NAME)
+                .region(region)
+                .configure(base);
+            if let Some(id) = &role.external_id {
+                builder = builder.external_id(id.clone());
+            }
+            conf = conf.credentials_provider(builder.build().await);
+        }
+        let client = aws_sdk_ecr::Client::from_conf(conf.build());
+        clients
+            .lock()
+            .expect("clients lock")
+            .insert(key.clone(), client.clone());
+        client
+    }
+}
+
+impl CredentialSource for AwsSource {
+    fn fetch(&self, key: &TokenKey) -> BoxFuture<'static, Result<Token, SourceError>> {
+        let (base, timeout, clients, key) = (
+            self.base.clone(),
+            self.timeout,
+            self.clients.clone(),
+            key.clone(),
+        );
+        Box::pin(async move {
+            let call = async {
+                let client = Self::client(&base, timeout, &clients, &key).await;
+                client.get_authorization_token().send().await
+            };
+            // The SDK's operation timeout covers the call; this one also
+            // covers credential resolution (an instance-metadata endpoint
+            // that never answers), so a pull never waits longer.
+            let output = match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(out)) => out,
+                Ok(Err(e)) => return Err(classify(&e)),
+                Err(_) => {
+                    return Err(SourceError::new(
+                        ErrorKind::Timeout,
+                        None,
+                        format!(
+                            "no answer within {} (credential chain or ECR API)",
+                            humantime::format_duration(timeout)
+                        ),
+                    ))
+                }
+            };
+            let data = output.authorization_data().first().ok_or_else(|| {
+                SourceError::new(
+                    ErrorKind::BadToken,
+                    None,
+                    "GetAuthorizationToken returned no authorization data",
+                )
+            })?;
+            let token = data.authorization_token().ok_or_else(|| {
+                SourceError::new(
+                    ErrorKind::BadToken,
+                    None,
+                    "GetAuthorizationToken returned no token",
+                )
+            })?;
+            let credentials = decode_token(token)?;
+            let expires_at = data
+                .expires_at()
+                .and_then(|t| SystemTime::try_from(*t).ok())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            Ok(Token {
+                credentials,
+                expires_at,
+            })
+        })
+    }
+}
+
+/// Decodes an ECR authorization token: base64 of `AWS:<password>`.
+pub fn decode_token(token: &str) -> Result<Credentials, SourceError> {
+    let bad = |what: &str| {
+        SourceError::new(
+            ErrorKind::BadToken,
+            None,
+            format!("ECR authorization token {what}"),
+        )
+    };
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(token.trim())
+        .map_err(|_| bad("is not valid base64"))?;
+    let text = String::from_utf8(raw).map_err(|_| bad("is not UTF-8 text"))?;
+    let (user, password) = text
+        .split_once(':')
+        .ok_or_else(|| bad("does not have the form user:password"))?;
+    if user.is_empty() || password.is_empty() {
+        return Err(bad("has an empty user or password"));
+    }
+    Ok(Credentials {
+        username: user.to_owned(),
+        password: password.to_owned(),
+    })
+}
+
+/// AWS error codes that mean "this identity may not do that".
+const ACCESS_DENIED_CODES: &[&str] = &[
+    "AccessDenied",
+    "AccessDeniedException",
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "ExpiredTokenException",
+];
+
+/// AWS error codes that mean "slow down".
+const THROTTLING_CODES: &[&str] = &[
+    "ThrottlingException",
+    "Throttling",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+];
+
+type EcrError = SdkError<
+    aws_sdk_ecr::operation::get_authorization_token::GetAuthorizationTokenError,
+    aws_smithy_runtime_api::http::Response,
+>;
+
+fn classify(err: &EcrError) -> SourceError {
+    let message = DisplayErrorContext(err).to_string();
+    // A credential chain that found nothing, or an AssumeRole that failed,
+    // surfaces as a CredentialsError somewhere in the chain.
+    if let Some(cred) = find_source::<aws_credential_types::provider::error::CredentialsError>(err)
+    {
+        let text = DisplayErrorContext(cred).to_string();
+        let (kind, code) = if ACCESS_DENIED_CODES.iter().any(|c| text.contains(c)) {
+            (ErrorKind::AccessDenied, Some("AccessDenied".to_owned()))
+        } else if matches!(
+            cred,
+            aws_credential_types::provider::error::CredentialsError::CredentialsNotLoaded(_)
+        ) {
+            (ErrorKind::NoCredentials, Some("NoCredentials".to_owned()))
+        } else {
+            (
+                ErrorKind::NoCredentials,
+                Some("CredentialsError".to_owned()),
+            )
+        };
+        return SourceError::new(kind, code, format!("AWS credential chain: {message}"));
+    }
+    match err {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().map(str::to_owned);
+            let status = service.raw().status().as_u16();
+            let kind = match code.as_deref() {
+                Some(c) if ACCESS_DENIED_CODES.contains(&c) => ErrorKind::AccessDenied,
+                Some(c) if THROTTLING_CODES.contains(&c) => ErrorKind::Throttled,
+                _ if status == 429 => ErrorKind::Throttled,
+                _ if status == 401 || status == 403 => ErrorKind::AccessDenied,
+                _ if status >= 500 => ErrorKind::Network,
+                _ => ErrorKind::Other,
+            };
+            SourceError::new(kind, code, message)
+        }
+        SdkError::TimeoutError(_) => SourceError::new(ErrorKind::Timeout, None, message),
+        SdkError::DispatchFailure(d) if d.is_timeout() => {
+            SourceError::new(ErrorKind::Timeout, None, message)
+        }
+        SdkError::DispatchFailure(_) => SourceError::new(ErrorKind::Network, None, message),
+        SdkError::ResponseError(_) => SourceError::new(ErrorKind::Network, None, message),
+        _ => SourceError::new(ErrorKind::Other, None, message),
+    }
+}
+
+fn find_source<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_decode_to_user_and_password() {
+        let c = decode_token("QVdTOjEyMzQ1Njc4OTAxMi1hdXRoLXRva2Vu").unwrap();
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("AWS", "123456789012-auth-token")
+        );
+    }
+
+    #[test]
+    fn malformed_tokens_are_clear_errors_without_the_token() {
+        for bad in ["not base64!", "QVdT", "OnBhc3M=", "//79"] {
+            let e = decode_token(bad).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadToken, "{bad}");
+            assert!(!e.message.contains(bad), "{}", e.message);
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The token cache: one token per [`TokenKey`], renewed in the background.
+//!
+//! - A token is used until `expiresAt` minus [`EXPIRY_MARGIN`] (or the
+//!   configured maximum age) and renewed in the background once half of that
+//!   has passed, with jitter, so after the first pull no pull waits on AWS.
+//! - Concurrent misses make one call: the fetch runs in its own task holding
+//!   the key's fetch lock, so a caller that gives up does not cancel it.
+//! - A token already expired on arrival (clock skew; emulators) serves that
+//!   pull and is kept for at most [`EXPIRED_ON_ARRIVAL_TTL`].
+//! - Errors are cached with exponential backoff from [`ERROR_BACKOFF_MIN`]
+//!   to [`ERROR_BACKOFF_MAX`], so a broken role cannot call AWS at pull rate;
+//!   a still-usable token keeps serving while AWS fails.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::{CredentialSource, SourceError, Token, TokenKey};
+use crate::pull::Credentials;
+
+/// A token is not used closer than this to its `expiresAt`.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// How long a token that arrived already expired (or nearly so) is kept.
+pub const EXPIRED_ON_ARRIVAL_TTL: Duration = Duration::from_secs(60);
+/// First backoff after a failed fetch.
+pub const ERROR_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest backoff after repeated failures.
+pub const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Refresh jitter, as a fraction of the time until the refresh.
+const REFRESH_JITTER: f64 = 0.1;
+/// Upper bound on distinct keys kept (partitions × regions × roles).
+const MAX_KEYS: u64 = 1024;
+
+/// Whether a lookup was answered from the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// A cached token was used.
+    Hit,
+    /// The caller waited for a fetch (its own or a concurrent one).
+    Miss,
+}
+
+impl CacheOutcome {
+    /// `hit` or `miss`, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+        }
+    }
+}
+
+/// Counters kept by the cache.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Lookups answered from the cache.
+    pub hits: AtomicU64,
+    /// Lookups that waited for a fetch.
+    pub misses: AtomicU64,
+    /// Background refreshes started.
+    pub refreshes: AtomicU64,
+    /// Calls made to the credential source.
+    pub fetches: AtomicU64,
+    /// Calls to the source that failed.
+    pub fetch_errors: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Cached {
+    credentials: Credentials,
+    usable_until: Instant,
+    refresh_at: Instant,
+    expires_at: SystemTime,
+}
+
+#[derive(Clone)]
+struct CachedError {
+    error: SourceError,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    token: Option<Cached>,
+    error: Option<CachedError>,
+    refreshing: bool,
+    warned_expired: bool,
+}
+
+#[derive(Default)]
+struct Slot {
+    state: Mutex<State>,
+    fetch: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What a lookup finds without waiting.
+enum Peek {
+    Token(Credentials, bool),
+    Error(SourceError),
+    Nothing,
+}
+
+impl Slot {
+    fn peek(&self, now: Instant) -> Peek {
+        let mut st = self.state.lock().expect("token state lock");
+        let error_fresh = st.error.as_ref().is_some_and(|e| now < e.retry_at);
+        if let Some(t) = &st.token {
+            if now < t.usable_until {
+                let credentials = t.credentials.clone();
+                let refresh = now >= t.refresh_at && !st.refreshing && !error_fresh;
+                if refresh {
+                    st.refreshing = true;
+                }
+                return Peek::Token(credentials, refresh);
+            }
+        }
+        match &st.error {
+            Some(e) if error_fresh => Peek::Error(e.error.clone()),
+            _ => Peek::Nothing,
+        }
+    }
+}
+
+/// The cache. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct TokenCache {
+    source: Arc<dyn CredentialSource>,
+    slots: moka::sync::Cache<TokenKey, Arc<Slot>>,
+    max_age: Option<Duration>,
+    stats: Arc<CacheStats>,
+}
+
+impl TokenCache {
+    /// A cache in front of `source`; `max_age` caps how long any token is
+    /// used (kubelet's `defaultCacheDuration`, when imported).
+    pub fn new(source: Arc<dyn CredentialSource>, max_age: Option<Duration>) -> Self {
+        TokenCache {
+            source,
+            slots: moka::sync::Cache::new(MAX_KEYS),
+            max_age,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The cache's counters.
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// Credentials for `key`: cached, or fetched once for all concurrent
+    /// callers.
+    pub async fn get(&self, key: &TokenKey) -> Result<(Credentials, CacheOutcome), SourceError> {
+        let slot = self
+            .slots
+            .get_with_by_ref(key, || Arc::new(Slot::default()));
+        match slot.peek(Instant::now()) {
+            Peek::Token(credentials, refresh) => {
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                if refresh {
+                    self.spawn_refresh(key.clone(), slot);
+                }
+                return Ok((credentials, CacheOutcome::Hit));
+            }
+            Peek::Error(e) => return Err(e),
+            Peek::Nothing => {}
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let guard = slot.fetch.clone().lock_owned().await;
+        // Someone else may have fetched while this caller waited.
+        match slot.peek(Instant::now()) {
+            Peek::Token(credentials, _) => return Ok((credentials, CacheOutcome::Miss)),
+            Peek::Error(e) => return Err(e),
+            Peek::Nothing => {}
+        }
+        let this = self.clone();
+        let key = key.clone();
+        let task = tokio::spawn(async move {
+            let result = this.fetch_and_store(&key, &slot).await;
+            drop(guard);
+            result
+        });
+        match task.await {
+            Ok(result) => result.map(|c| (c, CacheOutcome::Miss)),
+            Err(e) => Err(SourceError::new(
+                super::ErrorKind::Other,
+                None,
+                format!("token fetch task failed: {e}"),
+            )),
+        }
+    }
+
+    fn spawn_refresh(&self, key: TokenKey, slot: Arc<Slot>) {
+        self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _guard = slot.fetch.clone().lock_owned().await;
+            match this.fetch_and_store(&key, &slot).await {
+                Ok(_) => tracing::debug!(key = %key, "token refreshed in the background"),
+                Err(e) => tracing::warn!(
+                    key = %key,
+                    error = &e as &dyn std::error::Error,
+                    "background token refresh failed; the cached token keeps serving"
+                ),
+            }
+            slot.state.lock().expect("token state lock").refreshing = false;
+        });
+    }
+
+    async fn fetch_and_store(
+        &self,
+        key: &TokenKey,
+        slot: &Slot,
+    ) -> Result<Credentials, SourceError> {
+        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = self.source.fetch(key).await;
+        let now = Instant::now();
+        let mut st = slot.state.lock().expect("token state lock");
+        match result {
+            Ok(token) => {
+                let cached = self.admit(key, token, now, &mut st.warned_expired);
+                tracing::debug!(
+                    key = %key,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    valid_for_s = cached.usable_until.saturating_duration_since(now).as_secs(),
+                    "fetched ECR token"
+                );
+                let credentials = cached.credentials.clone();
+                st.token = Some(cached);
+                st.error = None;
+                Ok(credentials)
+            }
+            Err(error) => {
+                self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+                let backoff = match &st.error {
+                    Some(prev) => (prev.backoff * 2).min(ERROR_BACKOFF_MAX),
+                    None => ERROR_BACKOFF_MIN,
+                };
+                st.error = Some(CachedError {
+                    error: error.clone(),
+                    retry_at: now + backoff,
+                    backoff,
+                });
+                Err(error)
+            }
+        }
+    }
+
+    /// Decides how long a fresh token is used and when it is renewed.
+    fn admit(&self, key: &TokenKey, token: Token, now: Instant, warned: &mut bool) -> Cached {
+        let lifetime = token.expires_at.duration_since(SystemTime::now()).ok();
+        let mut usable = match lifetime {
+            Some(l) if l > EXPIRY_MARGIN + EXPIRED_ON_ARRIVAL_TTL => l - EXPIRY_MARGIN,
+            _ => {
+                // Clock skew, or an emulator: use it for this pull but do not
+                // trust it for long.
+                if !*warned {
+                    *warned = true;
+                    tracing::warn!(
+                        key = %key,
+                        expires_at = %humantime::format_rfc3339_seconds(token.expires_at),
+                        "ECR token arrived expired or about to expire (clock skew?); using it for at most {}s",
+                        EXPIRED_ON_ARRIVAL_TTL.as_secs()
+                    );
+                }
+                EXPIRED_ON_ARRIVAL_TTL
+            }
+        };
+        if let Some(max) = self.max_age {
+            usable = usable.min(max);
+        }
+        let half = usable / 2;
+        let jitter = half.mul_f64(
+            rand::rng()
+                .random_range(-REFRESH_JITTER..=REFRESH_JITTER)
+                .abs(),
+        );
+        Cached {
+            credentials: token.credentials,
+            usable_until: now + usable,
+            refresh_at: now + half - jitter,
+            expires_at: token.expires_at,
+        }
+    }
+
+    /// Seconds until each cached token stops being used, by key.
+    pub fn expiries(&self) -> Vec<(TokenKey, SystemTime)> {
+        self.slots
+            .iter()
+            .filter_map(|(k, slot)| {
+                let st = slot.state.lock().expect("token state lock");
+                st.token.as_ref().map(|t| ((*k).clone(), t.expires_at))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ecr::{EndpointVariant, ErrorKind};
+    use futures_util::future::BoxFuture;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A source that counts calls, waits `delay`, and answers from a script.
+    struct Scripted {
+        calls: AtomicUsize,
+        delay: Duration,
+        valid_for: Mutex<Option<Duration>>,
+        fail: Mutex<Option<ErrorKind>>,
+    }
+
+    impl Scripted {
+        fn new(delay: Duration, valid_for: Option<Duration>) -> Arc<Self> {
+            Arc::new(Scripted {
+                calls: AtomicUsize::new(0),
+                delay,
+                valid_for: Mutex::new(valid_for),
+                fail: Mutex::new(None),
+            })
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+        fn fail_with(&self, kind: Option<ErrorKind>) {
+            *self.fail.lock().unwrap() = kind;
+        }
+    }
+
+    impl CredentialSource for Scripted {
+        fn fetch(&self, _key: &TokenKey) -> BoxFuture<'static, Result<Token, SourceError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let delay = self.delay;
+            let fail = *self.fail.lock().unwrap();
+            let valid_for = *self.valid_for.lock().unwrap();
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                if let Some(kind) = fail {
+                    return Err(SourceError::new(
+                        kind,
+                        Some("Scripted".into()),
+                        "scripted failure",
+                    ));
+                }
+                let expires_at = match valid_for {
+                    Some(d) => SystemTime::now() + d,
+                    None => SystemTime::now() - Duration::from_secs(3600),
+                };
+                Ok(Token {
+                    credentials: Credentials {
+                        username: "AWS".into(),
+                        password: format!("pw-{n}"),
+                    },
+                    expires_at,
+                })
+            })
+        }
+    }
+
+    fn key() -> TokenKey {
+        TokenKey {
+            partition: "aws",
+            region: "us-east-1".into(),
+            variant: EndpointVariant::default(),
+            role: None,
+        }
+    }
+
+    const TWELVE_HOURS: Duration = Duration::from_secs(12 * 3600);
+
+    #[tokio::test(start_paused = true)]
+    async fn hundred_concurrent_misses_make_one_call() {
+        let source = Scripted::new(Duration::from_millis(200), Some(TWELVE_HOURS));
+        let cache = TokenCache::new(source.clone(), None);
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&key()).await })
+            })
+            .collect();
+        for t in tasks {
+            let (c, _) = t.await.unwrap().unwrap();
+            assert_eq!(c.password, "pw-1");
+        }
+        assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_happens_ahead_and_no_caller_waits() {
+        let source = Scripted::new(Duration::from_secs(2), Some(TWELVE_HOURS));
+        let cache = TokenCache::new(source.clone(), None);
+        let (_, outcome) = cache.get(&key()).await.unwrap();
+        assert_eq!(outcome, CacheOutcome::Miss);
+        // Past the latest possible refresh point (half the usable life plus
+        // jitter), but well before expiry.
+        tokio::time::advance(Duration::from_secs(6 * 3600 + 1)).await;
+        let before = Instant::now();
+        let (c, outcome) = cache.get(&key()).await.unwrap();
+        assert_eq!((c.password.as_str(), outcome), ("pw-1", CacheOutcome::Hit));
+        assert_eq!(Instant::now(), before, "a hit must not wait on the source");
+        // Let the background refresh finish; the next lookup sees the new token.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(source.calls(), 2);
+        let (c, outcome) = cache.get(&key()).await.unwrap();
+        assert_eq!((c.password.as_str(), outcome), ("pw-2", CacheOutcome::Hit));
+        assert_eq!(cache.stats().refreshes.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_back_off_exponentially() {
+        let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
+        source.fail_with(Some(ErrorKind::AccessDenied));
+        let cache = TokenCache::new(source.clone(), None);
+        // Hammer the cache for 100 s at 100 lookups per second.
+        for _ in 0..10_000 {
+            let e = cache.get(&key()).await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::AccessDenied);
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        // Backoff 1, 2, 4, 8, 16, 32, 60: calls at t=0,1,3,7,15,31,63 → 7.
+        assert_eq!(source.calls(), 7);
+        // Recovery: after the backoff, a success clears the error.
+        source.fail_with(None);
+        tokio::time::advance(ERROR_BACKOFF_MAX).await;
+        assert!(cache.get(&key()).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_on_arrival_serves_the_pull_and_is_kept_at_most_a_minute() {
+        let source = Scripted::new(Duration::ZERO, None);
+        let cache = TokenCache::new(source.clone(), None);
+        assert_eq!(cache.get(&key()).await.unwrap().0.password, "pw-1");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_eq!(cache.get(&key()).await.unwrap().1, CacheOutcome::Hit);
+        assert_eq!(source.calls(), 1);
+        tokio::time::advance(EXPIRED_ON_ARRIVAL_TTL).await;
+        cache.get(&key()).await.unwrap();
+        assert!(
+            source.calls() >= 2,
+            "a token expired on arrival must not be kept past 60 s"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_token_keeps_serving_while_the_source_fails() {
+        let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
+        let cache = TokenCache::new(source.clone(), None);
+        cache.get(&key()).await.unwrap();
+        source.fail_with(Some(ErrorKind::Network));
+        // Into the refresh window: every refresh fails, pulls keep working.
+        for _ in 0..600 {
+            tokio::time::advance(Duration::from_secs(60)).await;
+            let (c, outcome) = cache.get(&key()).await.unwrap();
+            assert_eq!((c.password.as_str(), outcome), ("pw-1", CacheOutcome::Hit));
+            tokio::task::yield_now().await;
+        }
+        // 10 h in; refreshes started after ~6 h, at most one per backoff.
+        let calls = source.calls();
+        assert!((2..=300).contains(&calls), "calls = {calls}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_age_caps_how_long_a_token_is_used() {
+        let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
+        let cache = TokenCache::new(source.clone(), Some(Duration::from_secs(3600)));
+        cache.get(&key()).await.unwrap();
+        tokio::time::advance(Duration::from_secs(3601)).await;
+        let (c, outcome) = cache.get(&key()).await.unwrap();
+        assert_eq!((c.password.as_str(), outcome), ("pw-2", CacheOutcome::Miss));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
+        let source = Scripted::new(Duration::from_secs(5), Some(TWELVE_HOURS));
+        let cache = TokenCache::new(source.clone(), None);
+        let first = tokio::time::timeout(Duration::from_secs(1), cache.get(&key())).await;
+        assert!(first.is_err());
+        let (c, _) = cache.get(&key()).await.unwrap();
+        assert_eq!(c.password, "pw-1");
+        assert_eq!(source.calls(), 1);
+    }
+}

@@ -1,0 +1,62 @@
+//! ecr-pull-proxy: a CRI image-service proxy that adds Amazon ECR
+//! credentials to `PullImage` calls on their way to containerd.
+//!
+//! Data goes one way: [`server`] (the socket) → [`proxy`] (HTTP/2
+//! forwarding) → [`pull`] + [`credentials`] → [`ecr`] (token cache and
+//! source) for `PullImage`, then upstream.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod credentials;
+pub mod ecr;
+pub mod image_ref;
+pub mod logging;
+pub mod matcher;
+pub mod proxy;
+pub mod pull;
+pub mod server;
+pub mod signal;
+
+/// The CRI `runtime.v1` types and clients, generated from `proto/api.proto`.
+#[allow(missing_docs, clippy::all)]
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+}
+
+use std::sync::Arc;
+
+use config::Config;
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The socket could not be set up.
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let source = Arc::new(ecr::aws::AwsSource::new(config.credentials.aws_timeout));
+    let cache = ecr::TokenCache::new(source, config.credentials.max_token_age);
+    let resolver = credentials::Resolver::new(config.credentials.clone(), cache);
+    let proxy = proxy::Proxy::new(proxy::Upstream::new(&config.upstream), resolver);
+    let shutdown = signal::shutdown().map_err(RunError::Signal)?;
+    let listening = server::bind(&config.listen, config.socket_mode, config.socket_group)?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        listen = %config.listen.display(),
+        upstream = %config.upstream.display(),
+        existing_credentials = %config.credentials.existing_credentials,
+        patterns = config.credentials.ecr_patterns.len(),
+        registries = config.credentials.registries.len(),
+        "listening"
+    );
+    server::notify_ready();
+    server::serve(listening, proxy, shutdown, config.shutdown_grace).await;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! Log setup. `--log-level` applies to the proxy's own lines; libraries
+//! (hyper, h2, the AWS SDK) log warnings only, so no level can make them
+//! print request bodies or HTTP exchanges with AWS.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, LogLevel};
+
+/// Installs the global subscriber, writing to stderr.
+pub fn init(level: LogLevel, format: LogFormat) {
+    let level = match level {
+        LogLevel::Error => "error",
+        LogLevel::Warn => "warn",
+        LogLevel::Info => "info",
+        LogLevel::Debug => "debug",
+        LogLevel::Trace => "trace",
+    };
+    let filter = EnvFilter::new(format!("warn,ecr_pull_proxy={level}"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
+}

@@ -1,0 +1,56 @@
+//! Parse the command line, load the configuration, run. Exit codes: 0 after
+//! a clean shutdown, 64 for usage and config errors, 1 for runtime failures.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ecr_pull_proxy::config::{Cli, Config};
+
+/// `EX_USAGE`: bad usage or configuration; systemd does not restart on it.
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_USAGE),
+            };
+        }
+    };
+    let config = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "ecr-pull-proxy: configuration error: {}",
+                ecr_pull_proxy::proxy::error_chain(&e)
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    ecr_pull_proxy::logging::init(config.log_level, config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                "cannot start the runtime"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(ecr_pull_proxy::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %ecr_pull_proxy::proxy::error_chain(&e), "ecr-pull-proxy stopped");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,760 @@
+//! The HTTP/2-level forwarder: every request goes to the upstream socket as
+//! it is (path, headers including `grpc-timeout`, body frames), and every
+//! response comes back as it is (headers, body, trailers). Only
+//! `PullImage` is read, through [`crate::pull`], before it is sent on.
+//!
+//! Nothing here knows about the listening socket; `server` hands requests in.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Collected, Full, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+use crate::config::{ExistingCredentials, MAX_MESSAGE_SIZE};
+use crate::credentials::{Resolver, Target};
+use crate::ecr::{CacheOutcome, ErrorKind, SourceError};
+use crate::pull::{self, WireError, GRPC_HEADER_LEN};
+
+/// The one method whose request is read.
+pub const PULL_IMAGE_PATH: &str = "/runtime.v1.ImageService/PullImage";
+/// HTTP/2 flow-control window per stream, both sides. Large enough that a
+/// multi-megabyte `ListImages` answer is not throttled by window updates.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 flow-control window per connection, both sides.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// How long dialling the upstream socket (connect + HTTP/2 handshake) may take.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Error type of bodies flowing through the proxy.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of requests and responses flowing through the proxy.
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Everything that can fail inside the proxy. [`status_for`] turns each into
+/// the gRPC status the caller sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The upstream socket could not be reached or dropped the call.
+    #[error("upstream {} unavailable", path.display())]
+    Upstream {
+        /// The upstream socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+    /// No ECR token could be had for a matching image.
+    #[error(
+        "cannot get ECR credentials for image {image:?} (registry {registry}, region {region})"
+    )]
+    Credentials {
+        /// The image being pulled.
+        image: String,
+        /// Its registry host.
+        registry: String,
+        /// The region asked.
+        region: String,
+        /// What AWS said.
+        #[source]
+        source: SourceError,
+    },
+    /// The request message is larger than the limit.
+    #[error("PullImage request is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The request body could not be read from the caller.
+    #[error("reading the PullImage request from the caller")]
+    RequestBody {
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+    /// The upstream answer to a PullImage could not be read.
+    #[error("reading the PullImage answer from upstream {}", path.display())]
+    ResponseBody {
+        /// The upstream socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// Maps an error to the status the caller gets. The message carries the
+/// whole cause chain, because kubelet shows only the message in pod events.
+pub fn status_for(err: &ProxyError) -> Status {
+    let code = match err {
+        ProxyError::Upstream { .. } | ProxyError::ResponseBody { .. } => Code::Unavailable,
+        ProxyError::Credentials { source, .. } => match source.kind {
+            ErrorKind::AccessDenied => Code::PermissionDenied,
+            ErrorKind::NoCredentials => Code::Unauthenticated,
+            ErrorKind::Network | ErrorKind::Timeout | ErrorKind::Throttled => Code::Unavailable,
+            ErrorKind::BadToken | ErrorKind::Other => Code::Unavailable,
+        },
+        ProxyError::TooLarge { .. } => Code::ResourceExhausted,
+        ProxyError::RequestBody { .. } => Code::Cancelled,
+    };
+    Status::new(code, format!("ecr-pull-proxy: {}", error_chain(err)))
+}
+
+/// `err: cause: cause`, for messages and logs.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+fn status_response(status: &Status) -> Response<ProxyBody> {
+    status.clone().into_http()
+}
+
+fn boxed<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+// === impl Upstream ===
+
+/// The upstream connection: dialled on first use, re-dialled after it closes
+/// (containerd restarted), shared by all calls.
+pub struct Upstream {
+    path: PathBuf,
+    sender: Mutex<Option<SendRequest<ProxyBody>>>,
+    dial: tokio::sync::Mutex<()>,
+}
+
+impl Upstream {
+    /// An upstream at `path`; nothing is dialled yet.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Upstream {
+            path: path.into(),
+            sender: Mutex::new(None),
+            dial: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The upstream socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cached(&self) -> Option<SendRequest<ProxyBody>> {
+        let guard = self.sender.lock().expect("upstream lock");
+        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    async fn sender(&self) -> Result<SendRequest<ProxyBody>, ProxyError> {
+        if let Some(s) = self.cached() {
+            return Ok(s);
+        }
+        let _dialling = self.dial.lock().await;
+        if let Some(s) = self.cached() {
+            return Ok(s);
+        }
+        let sender = tokio::time::timeout(DIAL_TIMEOUT, self.dial())
+            .await
+            .map_err(|_| {
+                self.unavailable(
+                    format!("no HTTP/2 handshake within {}s", DIAL_TIMEOUT.as_secs()).into(),
+                )
+            })??;
+        *self.sender.lock().expect("upstream lock") = Some(sender.clone());
+        Ok(sender)
+    }
+
+    async fn dial(&self) -> Result<SendRequest<ProxyBody>, ProxyError> {
+        let stream = tokio::net::UnixStream::connect(&self.path)
+            .await
+            .map_err(|e| self.unavailable(e.into()))?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(16 * 1024 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.unavailable(e.into()))?;
+        let path = self.path.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %path.display(), error = &e as &dyn std::error::Error, "upstream connection closed");
+            }
+        });
+        tracing::debug!(upstream = %self.path.display(), "dialled upstream");
+        Ok(sender)
+    }
+
+    fn unavailable(&self, source: BoxError) -> ProxyError {
+        ProxyError::Upstream {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Sends one request and returns the upstream's response head and body.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = self.sender().await?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| self.unavailable(e.into()))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.unavailable(e.into()))
+    }
+
+    /// Whether the upstream answers an HTTP/2 handshake now.
+    pub async fn probe(&self) -> Result<(), ProxyError> {
+        self.sender().await.map(drop)
+    }
+}
+
+// === impl Proxy ===
+
+/// How the credentials of a forwarded pull were decided, for logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialSourceKind {
+    /// The proxy added an ECR token.
+    Injected,
+    /// The caller's own credentials were forwarded.
+    Caller,
+    /// The caller's credentials were refused and the ECR token was used.
+    Fallback,
+    /// The image matched no pattern; forwarded as it was.
+    None,
+}
+
+impl CredentialSourceKind {
+    /// Lower-case name, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Injected => "injected",
+            Self::Caller => "caller",
+            Self::Fallback => "fallback",
+            Self::None => "none",
+        }
+    }
+}
+
+/// The proxy service. Cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    upstream: Upstream,
+    resolver: Resolver,
+}
+
+impl Proxy {
+    /// A proxy forwarding to `upstream`, adding credentials from `resolver`.
+    pub fn new(upstream: Upstream, resolver: Resolver) -> Self {
+        Proxy {
+            inner: Arc::new(Inner { upstream, resolver }),
+        }
+    }
+
+    /// The upstream.
+    pub fn upstream(&self) -> &Upstream {
+        &self.inner.upstream
+    }
+
+    /// The resolver.
+    pub fn resolver(&self) -> &Resolver {
+        &self.inner.resolver
+    }
+
+    /// Handles one call. Never fails: errors become gRPC statuses.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method: Arc<str> = req.uri().path().into();
+        let response = if &*method == PULL_IMAGE_PATH {
+            self.pull_image(req).await
+        } else {
+            match self.forward(req.map(boxed)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(method = %method, error = %error_chain(&e), "call failed");
+                    status_response(&status_for(&e))
+                }
+            }
+        };
+        observe(response, method, started)
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        ensure_absolute_uri(&mut req);
+        let resp = self.inner.upstream.send(req).await?;
+        Ok(resp.map(boxed))
+    }
+
+    async fn pull_image(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let (parts, body) = req.into_parts();
+        let started = Instant::now();
+        let collected = match Limited::new(body, MAX_MESSAGE_SIZE + GRPC_HEADER_LEN)
+            .collect()
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let err = if e.is::<http_body_util::LengthLimitError>() {
+                    ProxyError::TooLarge {
+                        limit: MAX_MESSAGE_SIZE,
+                    }
+                } else {
+                    ProxyError::RequestBody { source: e }
+                };
+                tracing::warn!(error = %error_chain(&err), "PullImage refused");
+                return status_response(&status_for(&err));
+            }
+        };
+        let request_trailers = collected.trailers().cloned();
+        let body = collected.to_bytes();
+        let parsed = pull::unframe(&body).and_then(|m| pull::read(m).map(|info| (m, info)));
+        let (message, info) = match parsed {
+            Ok(v) => v,
+            Err(e) => {
+                // Not ours to judge: containerd answers malformed requests
+                // with its own error.
+                tracing::debug!(error = %e, "PullImage request not readable; forwarding it unchanged");
+                return self.send_bytes(&parts, body, request_trailers).await;
+            }
+        };
+        let resolver = &self.inner.resolver;
+        let Some(target) = resolver.target(&info.image) else {
+            let resp = self.send_bytes(&parts, body, request_trailers).await;
+            log_pull(
+                &info.image,
+                None,
+                CredentialSourceKind::None,
+                None,
+                started,
+                &resp,
+            );
+            return resp;
+        };
+        let policy = resolver.existing_credentials();
+        if info.has_credentials && policy == ExistingCredentials::Keep {
+            let resp = self.send_bytes(&parts, body, request_trailers).await;
+            log_pull(
+                &info.image,
+                Some(&target),
+                CredentialSourceKind::Caller,
+                None,
+                started,
+                &resp,
+            );
+            return resp;
+        }
+        if info.has_credentials && policy == ExistingCredentials::Fallback {
+            let first = self
+                .send_bytes_buffered(&parts, body.clone(), request_trailers.clone())
+                .await;
+            let refused = match &first {
+                Ok((head, collected)) => is_registry_refusal(&head.headers, collected.trailers()),
+                Err(_) => false,
+            };
+            if !refused {
+                let resp = match first {
+                    Ok((head, collected)) => Response::from_parts(head, boxed(collected)),
+                    Err(e) => status_response(&status_for(&e)),
+                };
+                log_pull(
+                    &info.image,
+                    Some(&target),
+                    CredentialSourceKind::Caller,
+                    None,
+                    started,
+                    &resp,
+                );
+                return resp;
+            }
+            tracing::info!(
+                image = %info.image,
+                registry = %target.image_host,
+                "registry refused the caller's credentials; retrying once with the ECR token"
+            );
+            return self
+                .pull_with_token(
+                    &parts,
+                    message,
+                    &info.image,
+                    &target,
+                    CredentialSourceKind::Fallback,
+                    started,
+                )
+                .await;
+        }
+        // No credentials, or policy `replace`.
+        self.pull_with_token(
+            &parts,
+            message,
+            &info.image,
+            &target,
+            CredentialSourceKind::Injected,
+            started,
+        )
+        .await
+    }
+
+    async fn pull_with_token(
+        &self,
+        parts: &http::request::Parts,
+        message: &[u8],
+        image: &str,
+        target: &Target,
+        kind: CredentialSourceKind,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        let (credentials, outcome) = match self.inner.resolver.credentials(target).await {
+            Ok(v) => v,
+            Err(source) => {
+                let err = ProxyError::Credentials {
+                    image: image.to_owned(),
+                    registry: target.image_host.clone(),
+                    region: target.registry.region.clone(),
+                    source,
+                };
+                let status = status_for(&err);
+                tracing::warn!(image = %image, registry = %target.image_host, key = %target.key, error = %error_chain(&err), "pull failed: no ECR token");
+                return status_response(&status);
+            }
+        };
+        let rewritten = match pull::with_credentials(message, &credentials) {
+            Ok(m) => m,
+            Err(e) => unreachable_wire(e),
+        };
+        let resp = self.send_bytes(parts, pull::frame(&rewritten), None).await;
+        log_pull(image, Some(target), kind, Some(outcome), started, &resp);
+        resp
+    }
+
+    fn request_from(
+        parts: &http::request::Parts,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Request<ProxyBody> {
+        let mut req = Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri.clone())
+            .version(parts.version)
+            .body(match trailers {
+                None => boxed(Full::new(body)),
+                Some(t) => boxed(Full::new(body).with_trailers(async move { Some(Ok(t)) })),
+            })
+            .expect("parts of a valid request");
+        *req.headers_mut() = parts.headers.clone();
+        req
+    }
+
+    async fn send_bytes(
+        &self,
+        parts: &http::request::Parts,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Response<ProxyBody> {
+        match self
+            .forward(Self::request_from(parts, body, trailers))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(method = PULL_IMAGE_PATH, error = %error_chain(&e), "call failed");
+                status_response(&status_for(&e))
+            }
+        }
+    }
+
+    /// Sends and reads the whole answer, so that it can be inspected before
+    /// the caller sees it (the `fallback` policy).
+    async fn send_bytes_buffered(
+        &self,
+        parts: &http::request::Parts,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Result<(http::response::Parts, Collected<Bytes>), ProxyError> {
+        let mut req = Self::request_from(parts, body, trailers);
+        ensure_absolute_uri(&mut req);
+        let resp = self.inner.upstream.send(req).await?;
+        let (head, body) = resp.into_parts();
+        let collected = Limited::new(body, MAX_MESSAGE_SIZE + GRPC_HEADER_LEN)
+            .collect()
+            .await
+            .map_err(|source| ProxyError::ResponseBody {
+                path: self.inner.upstream.path().to_owned(),
+                source,
+            })?;
+        Ok((head, collected))
+    }
+}
+
+fn unreachable_wire(e: WireError) -> Vec<u8> {
+    // `with_credentials` walks the same bytes `read` already accepted.
+    panic!("PullImage message was readable but not rewritable: {e}")
+}
+
+/// Whether containerd's answer says the registry refused the credentials.
+/// containerd reports this inside an `Unknown` status with wording that
+/// differs across versions and code paths.
+pub fn is_registry_refusal(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> bool {
+    let status = trailers
+        .and_then(Status::from_header_map)
+        .or_else(|| Status::from_header_map(headers));
+    let Some(status) = status else { return false };
+    if !matches!(
+        status.code(),
+        Code::Unknown | Code::Unauthenticated | Code::PermissionDenied
+    ) {
+        return false;
+    }
+    let message = status.message().to_ascii_lowercase();
+    REFUSAL_PHRASES.iter().any(|p| message.contains(p))
+}
+
+/// How containerd words a registry's refusal, lower-cased.
+pub const REFUSAL_PHRASES: &[&str] = &[
+    "401 unauthorized",
+    "403 forbidden",
+    "authorization failed",
+    "pull access denied",
+    "no basic auth credentials",
+];
+
+/// hyper's HTTP/2 client needs scheme and authority; kubelet sends
+/// `localhost`, and a caller that sent none gets the same.
+fn ensure_absolute_uri(req: &mut Request<ProxyBody>) {
+    let uri = req.uri();
+    if uri.scheme().is_some() && uri.authority().is_some() {
+        return;
+    }
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if let Ok(u) = http::Uri::builder()
+        .scheme("http")
+        .authority("localhost")
+        .path_and_query(path)
+        .build()
+    {
+        *req.uri_mut() = u;
+    }
+}
+
+fn grpc_status_of(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("grpc-status")
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+}
+
+fn log_pull(
+    image: &str,
+    target: Option<&Target>,
+    kind: CredentialSourceKind,
+    cache: Option<CacheOutcome>,
+    started: Instant,
+    resp: &Response<ProxyBody>,
+) {
+    // For a unary answer that is not trailers-only the final status is in the
+    // trailers; the per-call debug line reports it. Here: what is known now.
+    let result = match grpc_status_of(resp.headers()) {
+        Some("0") | None => "forwarded",
+        Some(_) => "error",
+    };
+    tracing::info!(
+        image = %image,
+        registry = target.map(|t| t.image_host.as_str()).unwrap_or(""),
+        credentials = kind.as_str(),
+        cache = cache.map(CacheOutcome::as_str).unwrap_or("-"),
+        duration_ms = started.elapsed().as_millis() as u64,
+        result,
+        "pull"
+    );
+}
+
+// === per-call observation ===
+
+/// Wraps the response body to log one debug line per call when it ends:
+/// method, final gRPC status, duration.
+fn observe(resp: Response<ProxyBody>, method: Arc<str>, started: Instant) -> Response<ProxyBody> {
+    let status = grpc_status_of(resp.headers()).map(str::to_owned);
+    resp.map(|body| {
+        ObservedBody {
+            inner: body,
+            method,
+            started,
+            status,
+            done: false,
+        }
+        .boxed_unsync()
+    })
+}
+
+struct ObservedBody {
+    inner: ProxyBody,
+    method: Arc<str>,
+    started: Instant,
+    status: Option<String>,
+    done: bool,
+}
+
+impl ObservedBody {
+    fn finish(&mut self, outcome: &str) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        tracing::debug!(
+            method = %self.method,
+            grpc_status = self.status.as_deref().unwrap_or("-"),
+            outcome,
+            duration_us = self.started.elapsed().as_micros() as u64,
+            "call"
+        );
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = frame.trailers_ref() {
+                    this.status = grpc_status_of(t).map(str::to_owned);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish("upstream-error"),
+            Poll::Ready(None) => this.finish("complete"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        let outcome = if self.inner.is_end_stream() {
+            "complete"
+        } else {
+            "cancelled"
+        };
+        self.finish(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trailers(code: i32, message: &str) -> HeaderMap {
+        status_response(&Status::new(Code::from(code), message))
+            .headers()
+            .clone()
+    }
+
+    #[test]
+    fn registry_refusals_are_recognised_in_every_wording() {
+        let refusals = [
+            "failed to pull and unpack image \"x\": failed to resolve reference \"x\": unexpected status from HEAD request to http://r/v2/app/manifests/v1: 401 Unauthorized",
+            "failed to resolve reference: pulling from host r failed with status code [manifests v1]: 403 Forbidden",
+            "failed to fetch anonymous token: authorization failed",
+            "pull access denied, repository does not exist or may require authorization",
+            "no basic auth credentials",
+        ];
+        for m in refusals {
+            assert!(
+                is_registry_refusal(&HeaderMap::new(), Some(&trailers(2, m))),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_failures_are_not_refusals() {
+        let h = HeaderMap::new();
+        assert!(!is_registry_refusal(
+            &h,
+            Some(&trailers(2, "failed to resolve reference: not found"))
+        ));
+        assert!(!is_registry_refusal(
+            &h,
+            Some(&trailers(2, "dial tcp: connection refused"))
+        ));
+        assert!(!is_registry_refusal(
+            &h,
+            Some(&trailers(14, "401 Unauthorized"))
+        ));
+        assert!(!is_registry_refusal(&h, Some(&trailers(0, ""))));
+        assert!(!is_registry_refusal(&h, None));
+        // Trailers-only answers carry the status in the headers.
+        assert!(is_registry_refusal(&trailers(2, "401 Unauthorized"), None));
+    }
+
+    #[test]
+    fn credential_errors_map_to_codes_and_name_everything() {
+        let err = |kind| ProxyError::Credentials {
+            image: "123456789012.dkr.ecr.us-east-1.amazonaws.com/app:v1".into(),
+            registry: "123456789012.dkr.ecr.us-east-1.amazonaws.com".into(),
+            region: "us-east-1".into(),
+            source: SourceError::new(kind, Some("AccessDeniedException".into()), "not allowed"),
+        };
+        let s = status_for(&err(ErrorKind::AccessDenied));
+        assert_eq!(s.code(), Code::PermissionDenied);
+        for needle in [
+            "123456789012.dkr.ecr.us-east-1.amazonaws.com/app:v1",
+            "us-east-1",
+            "AccessDeniedException",
+            "not allowed",
+        ] {
+            assert!(s.message().contains(needle), "{}", s.message());
+        }
+        for kind in [ErrorKind::Network, ErrorKind::Timeout, ErrorKind::Throttled] {
+            assert_eq!(status_for(&err(kind)).code(), Code::Unavailable);
+        }
+        assert_eq!(
+            status_for(&err(ErrorKind::NoCredentials)).code(),
+            Code::Unauthenticated
+        );
+        assert_eq!(
+            status_for(&ProxyError::TooLarge { limit: 1 }).code(),
+            Code::ResourceExhausted
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! The listening Unix socket: creation with its final mode and group,
+//! stale-socket handling, the accept loop, systemd readiness and the drain
+//! on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use nix::sys::stat::Mode;
+use tokio::net::UnixListener;
+
+use crate::proxy::{Proxy, CONNECTION_WINDOW, STREAM_WINDOW};
+
+/// Mode of the socket's parent directory when the proxy creates it.
+pub const SOCKET_DIR_MODE: u32 = 0o755;
+/// Most concurrent calls per client connection (containerd allows more;
+/// kubelet uses one connection).
+pub const MAX_CONCURRENT_STREAMS: u32 = 10_000;
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another process answers on the socket.
+    #[error("{} is in use by a running process (another ecr-pull-proxy?); stop it or choose another --listen path", .0.display())]
+    AlreadyServing(PathBuf),
+    /// Something other than a socket is at the path.
+    #[error("{} exists and is not a socket; remove it or choose another --listen path", .0.display())]
+    NotASocket(PathBuf),
+    /// A filesystem operation failed.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ServerError + 'a {
+    move |source| ServerError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A bound socket, removed again by [`Listening::remove`].
+pub struct Listening {
+    listener: UnixListener,
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Listening {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket file, unless another process has replaced it.
+    fn remove(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.ino() == self.ino => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), error = &e as &dyn std::error::Error, "cannot remove socket");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Binds `path` with `mode` and `group`. The socket never exists with a
+/// wider mode: the umask is narrowed around `bind`, then the group and the
+/// exact mode are set before anything is accepted.
+pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<Listening, ServerError> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(SOCKET_DIR_MODE)
+                .create(dir)
+                .map_err(io_err("cannot create directory", dir))?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(ServerError::AlreadyServing(path.to_owned())),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), "removing stale socket left by a previous process");
+                    std::fs::remove_file(path)
+                        .map_err(io_err("cannot remove stale socket", path))?;
+                }
+                Err(e) => return Err(io_err("cannot check existing socket", path)(e)),
+            }
+        }
+        Ok(_) => return Err(ServerError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("cannot inspect", path)(e)),
+    }
+
+    // umask is process-wide; nothing else creates files while we start.
+    let old = nix::sys::stat::umask(Mode::from_bits_truncate(!mode & 0o777));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let std_listener = bound.map_err(io_err("cannot bind", path))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(io_err("cannot set group of", path))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("cannot set mode of", path))?;
+    let ino = std::fs::symlink_metadata(path)
+        .map_err(io_err("cannot inspect", path))?
+        .ino();
+    std_listener
+        .set_nonblocking(true)
+        .map_err(io_err("cannot configure", path))?;
+    let listener = UnixListener::from_std(std_listener).map_err(io_err("cannot register", path))?;
+    Ok(Listening {
+        listener,
+        path: path.to_owned(),
+        ino,
+    })
+}
+
+/// Tells systemd the proxy is ready (a no-op outside systemd).
+pub fn notify_ready() {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(
+            error = &e as &dyn std::error::Error,
+            "cannot notify systemd"
+        );
+    }
+}
+
+/// Accepts connections and serves them with `proxy` until `shutdown`
+/// resolves; then stops accepting, removes the socket and lets in-flight
+/// calls finish within `grace`.
+pub async fn serve(
+    listening: Listening,
+    proxy: Proxy,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(16 * 1024 * 1024)
+        // Byte for byte: containerd's answers reach the caller without a
+        // `date` header of ours.
+        .auto_date_header(false);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listening.listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let proxy = proxy.clone();
+                    let svc = service_fn(move |req| {
+                        let proxy = proxy.clone();
+                        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                    });
+                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::warn!(error = %crate::proxy::error_chain(&e), "closed a client connection");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::error!(error = &e as &dyn std::error::Error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    listening.remove();
+    let Listening { listener, .. } = listening;
+    drop(listener);
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "stopped accepting; draining in-flight calls"
+    );
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => tracing::warn!("grace period over; cutting the calls still in flight"),
+    }
+}
