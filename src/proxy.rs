@@ -454,21 +454,32 @@ impl Proxy {
         resp
     }
 
+    /// Rebuilds a request from its head and a (possibly rewritten) body. A
+    /// `content-length` the caller sent is corrected; none is added when the
+    /// caller sent none, so the upstream sees the same headers.
     fn request_from(
         parts: &http::request::Parts,
         body: Bytes,
         trailers: Option<HeaderMap>,
     ) -> Request<ProxyBody> {
+        let mut headers = parts.headers.clone();
+        if headers.contains_key(http::header::CONTENT_LENGTH) {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let full = Full::new(body);
+        let body = match trailers {
+            None => boxed(NoLength(full)),
+            Some(t) => boxed(NoLength(
+                full.with_trailers(std::future::ready(Some(Ok(t)))),
+            )),
+        };
         let mut req = Request::builder()
             .method(parts.method.clone())
             .uri(parts.uri.clone())
             .version(parts.version)
-            .body(match trailers {
-                None => boxed(Full::new(body)),
-                Some(t) => boxed(Full::new(body).with_trailers(async move { Some(Ok(t)) })),
-            })
+            .body(body)
             .expect("parts of a valid request");
-        *req.headers_mut() = parts.headers.clone();
+        *req.headers_mut() = headers;
         req
     }
 
@@ -592,6 +603,26 @@ fn log_pull(
         result,
         "pull"
     );
+}
+
+/// A body that does not announce its length, so that hyper adds no
+/// `content-length` the caller did not send.
+struct NoLength<B>(B);
+
+impl<B: Body + Unpin> Body for NoLength<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
 }
 
 // === per-call observation ===

@@ -134,6 +134,24 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<Listening, Ser
     })
 }
 
+/// A client that hangs up (a readiness probe that connects and leaves, a
+/// killed kubelet) is normal; only protocol errors are worth a warning.
+fn is_disconnect(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::UnexpectedEof
+            );
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// Tells systemd the proxy is ready (a no-op outside systemd).
 pub fn notify_ready() {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
@@ -176,7 +194,11 @@ pub async fn serve(
                     let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
-                            tracing::warn!(error = %crate::proxy::error_chain(&e), "closed a client connection");
+                            if is_disconnect(&e) {
+                                tracing::debug!(error = %crate::proxy::error_chain(&e), "client went away");
+                            } else {
+                                tracing::warn!(error = %crate::proxy::error_chain(&e), "closed a client connection");
+                            }
                         }
                     });
                 }

@@ -1,0 +1,429 @@
+//! The transparent proxy against a scripted upstream: every call reaches the
+//! upstream byte for byte and every answer comes back as the upstream gave it.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+use support::raw;
+use support::scripted::{frame, ScriptedUpstream, ERROR_DETAILS, ERROR_MESSAGE};
+use support::{ProxyOptions, ProxyProcess};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request};
+
+use ecr_pull_proxy::cri;
+
+const IMAGE_METHODS: &[&str] = &[
+    "ListImages",
+    "ImageStatus",
+    "PullImage",
+    "RemoveImage",
+    "ImageFsInfo",
+];
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    upstream: ScriptedUpstream,
+    proxy: ProxyProcess,
+}
+
+async fn setup() -> Setup {
+    let dir = support::short_tempdir();
+    let upstream = ScriptedUpstream::start(&dir.path().join("up.sock")).await;
+    let proxy = ProxyProcess::start(dir.path(), &upstream.socket, ProxyOptions::default());
+    Setup {
+        _dir: dir,
+        upstream,
+        proxy,
+    }
+}
+
+fn with_script(msg: Bytes, script: &str) -> Request<Bytes> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("x-script", MetadataValue::try_from(script).unwrap());
+    req
+}
+
+/// A request message with a field from a newer CRI (number 99) and the
+/// known ones.
+fn message_with_unknown_field(method: &str) -> Bytes {
+    let spec = cri::ImageSpec {
+        image: "registry.example/app:v1".into(),
+        ..Default::default()
+    };
+    let mut msg = match method {
+        "ListImages" => cri::ListImagesRequest {
+            filter: Some(cri::ImageFilter { image: Some(spec) }),
+        }
+        .encode_to_vec(),
+        "ImageStatus" => cri::ImageStatusRequest {
+            image: Some(spec),
+            verbose: true,
+        }
+        .encode_to_vec(),
+        "PullImage" => cri::PullImageRequest {
+            image: Some(spec),
+            auth: None,
+            sandbox_config: Some(cri::PodSandboxConfig {
+                hostname: "node".into(),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec(),
+        "RemoveImage" => cri::RemoveImageRequest { image: Some(spec) }.encode_to_vec(),
+        _ => Vec::new(),
+    };
+    msg.extend_from_slice(&[0x9a, 0x06, 0x03, b'n', b'e', b'w']);
+    msg.into()
+}
+
+fn without_date(mut h: http::HeaderMap) -> http::HeaderMap {
+    h.remove("date");
+    h
+}
+
+#[tokio::test]
+async fn every_image_method_is_forwarded_byte_for_byte() {
+    let s = setup().await;
+    for method in IMAGE_METHODS {
+        let path = format!("/runtime.v1.ImageService/{method}");
+        let msg = message_with_unknown_field(method);
+        let mut req = Request::new(msg.clone());
+        req.metadata_mut()
+            .insert("x-caller", MetadataValue::from_static("kubelet"));
+        req.metadata_mut().insert_bin(
+            "x-bin-bin",
+            tonic::metadata::MetadataValue::from_bytes(b"\x00\xff"),
+        );
+        let direct = raw::unary(support::channel(&s.upstream.socket), &path, clone_req(&req))
+            .await
+            .unwrap();
+        let direct_seen = s.upstream.last();
+        let proxied = raw::unary(s.proxy.channel(), &path, req).await.unwrap();
+        let proxied_seen = s.upstream.last();
+
+        assert_eq!(proxied_seen.path, path);
+        assert_eq!(
+            proxied_seen.body,
+            frame(&msg),
+            "{method}: request bytes changed"
+        );
+        assert_eq!(
+            proxied_seen.headers, direct_seen.headers,
+            "{method}: request headers changed"
+        );
+        assert_eq!(
+            proxied.get_ref(),
+            direct.get_ref(),
+            "{method}: response bytes changed"
+        );
+        assert_eq!(proxied.get_ref(), &msg, "{method}: echo");
+        assert_eq!(
+            without_date(proxied.metadata().clone().into_headers()),
+            without_date(direct.metadata().clone().into_headers()),
+            "{method}: response headers changed"
+        );
+    }
+}
+
+fn clone_req(req: &Request<Bytes>) -> Request<Bytes> {
+    let mut r = Request::new(req.get_ref().clone());
+    *r.metadata_mut() = req.metadata().clone();
+    r
+}
+
+#[tokio::test]
+async fn trailers_come_back_unchanged() {
+    let s = setup().await;
+    let path = "/runtime.v1.ImageService/ImageStatus";
+    let resp = raw::server_streaming(
+        s.proxy.channel(),
+        path,
+        Request::new(Bytes::from_static(b"\x0a\x00")),
+    )
+    .await
+    .unwrap();
+    let mut stream = resp.into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    let trailers = stream.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers.get("x-upstream-trailer").unwrap(), "t");
+}
+
+#[tokio::test]
+async fn runtime_service_calls_are_forwarded() {
+    let s = setup().await;
+    let msg: Bytes = cri::VersionRequest {
+        version: "v1".into(),
+    }
+    .encode_to_vec()
+    .into();
+    let resp = raw::unary(
+        s.proxy.channel(),
+        "/runtime.v1.RuntimeService/Version",
+        Request::new(msg.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.get_ref(), &msg);
+    assert_eq!(s.upstream.last().path, "/runtime.v1.RuntimeService/Version");
+}
+
+#[tokio::test]
+async fn unknown_methods_reach_upstream_which_answers_unimplemented() {
+    let s = setup().await;
+    let err = raw::unary(
+        s.proxy.channel(),
+        "/runtime.v1.NoSuchService/Nothing",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap_err();
+    let direct = raw::unary(
+        support::channel(&s.upstream.socket),
+        "/runtime.v1.NoSuchService/Nothing",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.message(), direct.message());
+}
+
+#[tokio::test]
+async fn stream_images_streams_many_messages() {
+    let s = setup().await;
+    let req = with_script(Bytes::new(), "stream:5000");
+    let mut stream = raw::server_streaming(
+        s.proxy.channel(),
+        "/runtime.v1.ImageService/StreamImages",
+        req,
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let mut n = 0;
+    while let Some(m) = stream.message().await.unwrap() {
+        assert_eq!(m, format!("message-{n}").as_bytes());
+        n += 1;
+    }
+    assert_eq!(n, 5000);
+}
+
+#[tokio::test]
+async fn error_status_message_and_details_arrive_unchanged() {
+    let s = setup().await;
+    let err = raw::unary(
+        s.proxy.channel(),
+        "/runtime.v1.ImageService/ImageStatus",
+        with_script(Bytes::new(), "error"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), ERROR_MESSAGE);
+    assert_eq!(err.details(), ERROR_DETAILS);
+    assert_eq!(err.metadata().get("x-upstream-trailer").unwrap(), "t");
+}
+
+#[tokio::test]
+async fn twelve_mib_response_passes() {
+    let s = setup().await;
+    let n = 12 * 1024 * 1024;
+    let resp = raw::unary(
+        s.proxy.channel(),
+        "/runtime.v1.ImageService/ListImages",
+        with_script(Bytes::new(), &format!("big:{n}")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.get_ref().len(), n);
+    assert!(resp.get_ref().iter().all(|b| *b == b'x'));
+}
+
+#[tokio::test]
+async fn sixteen_mib_request_passes() {
+    let s = setup().await;
+    // Just under kubelet's 16 MiB limit (the frame header counts too).
+    let msg = Bytes::from(vec![7u8; 16 * 1024 * 1024 - 64]);
+    let resp = raw::unary(
+        s.proxy.channel(),
+        "/runtime.v1.ImageService/ListImages",
+        Request::new(msg.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.get_ref().len(), msg.len());
+    assert_eq!(s.upstream.last().body.len(), msg.len() + 5);
+}
+
+#[tokio::test]
+async fn client_deadline_reaches_upstream_as_grpc_timeout() {
+    let s = setup().await;
+    let mut req = Request::new(Bytes::from_static(b"\x0a\x00"));
+    req.set_timeout(Duration::from_secs(7));
+    raw::unary(
+        s.proxy.channel(),
+        "/runtime.v1.ImageService/ImageStatus",
+        req,
+    )
+    .await
+    .unwrap();
+    let seen = s.upstream.last();
+    let timeout = seen
+        .headers
+        .get("grpc-timeout")
+        .expect("grpc-timeout forwarded")
+        .to_str()
+        .unwrap();
+    assert!(timeout.starts_with('7'), "{timeout}");
+}
+
+#[tokio::test]
+async fn client_deadline_expiring_cancels_the_upstream_call() {
+    let s = setup().await;
+    let mut req = with_script(Bytes::new(), "hang");
+    req.set_timeout(Duration::from_millis(300));
+    let err = raw::unary(s.proxy.channel(), "/runtime.v1.ImageService/PullImage", req)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    let seen = s.upstream.last();
+    support::eventually(Duration::from_secs(5), "upstream to see the cancel", || {
+        seen.cancelled.load(Ordering::SeqCst)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_cancel_reaches_upstream() {
+    let s = setup().await;
+    let channel = s.proxy.channel();
+    let call = tokio::spawn(raw::unary(
+        channel,
+        "/runtime.v1.ImageService/ImageStatus",
+        with_script(Bytes::new(), "hang"),
+    ));
+    support::eventually(Duration::from_secs(5), "upstream to see the call", || {
+        !s.upstream.calls().is_empty()
+    })
+    .await;
+    call.abort();
+    let seen = s.upstream.last();
+    support::eventually(Duration::from_secs(5), "upstream to see the cancel", || {
+        seen.cancelled.load(Ordering::SeqCst)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn upstream_down_is_unavailable_naming_the_socket_and_recovers() {
+    let dir = support::short_tempdir();
+    let up = dir.path().join("up.sock");
+    let proxy = ProxyProcess::start(dir.path(), &up, ProxyOptions::default());
+    let err = raw::unary(
+        proxy.channel(),
+        "/runtime.v1.ImageService/ImageFsInfo",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains(up.to_str().unwrap()),
+        "{}",
+        err.message()
+    );
+
+    let upstream = ScriptedUpstream::start(&up).await;
+    raw::unary(
+        proxy.channel(),
+        "/runtime.v1.ImageService/ImageFsInfo",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap();
+    // Upstream restarts: the proxy re-dials.
+    upstream.stop().await;
+    let err = raw::unary(
+        proxy.channel(),
+        "/runtime.v1.ImageService/ImageFsInfo",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    let _upstream = ScriptedUpstream::start(&up).await;
+    raw::unary(
+        proxy.channel(),
+        "/runtime.v1.ImageService/ImageFsInfo",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_calls_finish_then_exits_zero() {
+    let mut s = setup().await;
+    let channel = s.proxy.channel();
+    let call = tokio::spawn(raw::unary(
+        channel,
+        "/runtime.v1.ImageService/ImageStatus",
+        with_script(Bytes::from_static(b"\x0a\x00"), "delay:1500"),
+    ));
+    support::eventually(Duration::from_secs(5), "upstream to see the call", || {
+        !s.upstream.calls().is_empty()
+    })
+    .await;
+    s.proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    let resp = call.await.unwrap().expect("in-flight call finishes");
+    assert_eq!(resp.get_ref(), &Bytes::from_static(b"\x0a\x00"));
+    let status = s.proxy.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", s.proxy.logs());
+    assert!(!s.proxy.socket.exists(), "socket removed on exit");
+}
+
+#[tokio::test]
+async fn garbage_and_http1_close_only_that_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup().await;
+    let inputs: [&[u8]; 3] = [
+        b"\x00\x01\x02garbage\xff\xfe",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n\x00\x00",
+    ];
+    for input in inputs {
+        let mut conn = tokio::net::UnixStream::connect(&s.proxy.socket)
+            .await
+            .unwrap();
+        conn.write_all(input).await.unwrap();
+        let mut buf = Vec::new();
+        // The proxy closes the connection (possibly after a GOAWAY).
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf))
+            .await
+            .expect("connection closed")
+            .ok();
+        // And keeps serving everyone else.
+        raw::unary(
+            s.proxy.channel(),
+            "/runtime.v1.ImageService/ImageFsInfo",
+            Request::new(Bytes::new()),
+        )
+        .await
+        .unwrap();
+    }
+    let logs = s.proxy.logs();
+    assert_eq!(
+        logs.matches("closed a client connection").count(),
+        3,
+        "{logs}"
+    );
+    assert!(!logs.contains("panicked"), "{logs}");
+}

@@ -1,0 +1,1 @@
+//! The real parts: containerd, a registry, moto.
