@@ -2,6 +2,8 @@
 //! (hyper, h2, the AWS SDK) log warnings only, so no level can make them
 //! print request bodies or HTTP exchanges with AWS.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogLevel};
@@ -16,9 +18,11 @@ pub fn init(level: LogLevel, format: LogFormat) {
         LogLevel::Trace => "trace",
     };
     let filter = EnvFilter::new(format!("warn,ecr_pull_proxy={level}"));
+    // Colours only on a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     match format {
         LogFormat::Text => builder.init(),

@@ -115,11 +115,9 @@ impl ProxyProcess {
             }
         }
         cmd.env("AWS_EC2_METADATA_DISABLED", "true");
-        cmd.env("AWS_CONFIG_FILE", dir.join("no-aws-config"));
-        cmd.env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            dir.join("no-aws-credentials"),
-        );
+        std::fs::write(dir.join("aws-config"), "").unwrap();
+        cmd.env("AWS_CONFIG_FILE", dir.join("aws-config"));
+        cmd.env("AWS_SHARED_CREDENTIALS_FILE", dir.join("aws-config"));
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }

@@ -1,1 +1,426 @@
-//! The real parts: containerd, a registry, moto.
+//! The real parts, each started by the test with its own temporary state:
+//! containerd (Debian `containerd`), a registry with htpasswd auth (Debian
+//! `docker-registry`), the ECR API emulator (`moto_server`, PyPI
+//! `moto[server]`), and a tiny test image pushed over the registry API.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sha2::Digest;
+
+use super::{require, wait_until};
+
+/// The account moto answers for.
+pub const MOTO_ACCOUNT: &str = "123456789012";
+/// The registry password inside moto's tokens (`AWS:<this>`).
+pub const MOTO_PASSWORD: &str = "123456789012-auth-token";
+/// moto's token as it travels: base64 of `AWS:<password>`.
+pub const MOTO_TOKEN_B64: &str = "QVdTOjEyMzQ1Njc4OTAxMi1hdXRoLXRva2Vu";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 exchange (no chunking, connection closes). Retried a
+/// few times when the server resets the connection while it starts.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    for _ in 0..20 {
+        match try_http(addr, method, path, headers, body) {
+            Ok(r) => return r,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                std::thread::sleep(Duration::from_millis(250))
+            }
+            Err(e) => panic!("{method} http://{addr}{path}: {e}"),
+        }
+    }
+    panic!("{method} http://{addr}{path}: connection reset every time");
+}
+
+fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("http response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    Ok((status, head, raw[split + 4..].to_vec()))
+}
+
+// === registry ===
+
+/// A docker-registry with htpasswd auth on a loopback port.
+pub struct Registry {
+    child: Option<Child>,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    user: String,
+    password: String,
+}
+
+impl Registry {
+    /// Starts a registry in `dir` whose only user is `user`/`password`.
+    pub fn start(dir: &Path, user: &str, password: &str) -> Self {
+        let bin = require("docker-registry", "the Debian package docker-registry");
+        let htpasswd = require("htpasswd", "the Debian package apache2-utils");
+        let out = Command::new(htpasswd)
+            .args(["-Bbn", user, password])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let dir = dir.join("registry");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n",
+            data = dir.join("data").display(),
+            htpasswd = dir.join("htpasswd").display(),
+        );
+        std::fs::write(dir.join("config.yml"), config).unwrap();
+        let log = std::fs::File::create(dir.join("log")).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_until(Duration::from_secs(20), "registry to listen", || {
+            TcpStream::connect(&addr).is_ok()
+        });
+        Registry {
+            child: Some(child),
+            addr,
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    fn auth(&self) -> (&'static str, String) {
+        use base64::Engine;
+        let b = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", self.user, self.password));
+        ("Authorization", format!("Basic {b}"))
+    }
+
+    fn put_blob(&self, repo: &str, blob: &[u8]) -> String {
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(blob));
+        let (status, head, _) = http(
+            &self.addr,
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/"),
+            &[self.auth()],
+            b"",
+        );
+        assert_eq!(status, 202, "blob upload start: {head}");
+        let location = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Location: "))
+            .expect("upload location")
+            .trim()
+            .trim_start_matches(&format!("http://{}", self.addr))
+            .to_owned();
+        let (status, head, _) = http(
+            &self.addr,
+            "PUT",
+            &format!("{location}&digest={digest}"),
+            &[
+                self.auth(),
+                ("Content-Type", "application/octet-stream".into()),
+            ],
+            blob,
+        );
+        assert_eq!(status, 201, "blob upload: {head}");
+        digest
+    }
+
+    /// Pushes a one-layer image as `repo:tag` for each tag; returns the
+    /// manifest digest.
+    pub fn push_image(&self, repo: &str, tags: &[&str]) -> String {
+        let mut tarball = tar::Builder::new(Vec::new());
+        let content = format!("hello from {repo}\n");
+        let mut header = tar::Header::new_ustar();
+        header.set_size(content.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        header.set_cksum();
+        tarball
+            .append_data(&mut header, "hello.txt", content.as_bytes())
+            .unwrap();
+        let layer = tarball.into_inner().unwrap();
+        let layer_digest = self.put_blob(repo, &layer);
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        };
+        let config = format!(
+            r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}},"config":{{}}}}"#
+        );
+        let config_digest = self.put_blob(repo, config.as_bytes());
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{}}}]}}"#,
+            config.len(),
+            layer.len()
+        );
+        for tag in tags {
+            let (status, head, _) = http(
+                &self.addr,
+                "PUT",
+                &format!("/v2/{repo}/manifests/{tag}"),
+                &[
+                    self.auth(),
+                    (
+                        "Content-Type",
+                        "application/vnd.oci.image.manifest.v1+json".into(),
+                    ),
+                ],
+                manifest.as_bytes(),
+            );
+            assert_eq!(status, 201, "manifest upload: {head}");
+        }
+        format!("sha256:{:x}", sha2::Sha256::digest(manifest.as_bytes()))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+// === containerd ===
+
+/// A containerd with its own root, state, socket and `certs.d`.
+pub struct Containerd {
+    child: Option<Child>,
+    /// Its CRI socket.
+    pub socket: PathBuf,
+    dir: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd in `dir`; each `(host, registry_addr)` gets a
+    /// `hosts.toml` sending pulls for `host` to the registry over plain HTTP.
+    pub fn start(dir: &Path, mirrors: &[(&str, &str)]) -> Self {
+        require("runc", "the Debian package runc");
+        let dir = dir.join("ctd");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (host, addr) in mirrors {
+            let d = dir.join("certs.d").join(host);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("hosts.toml"),
+                format!("server = \"http://{addr}\"\n\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+            )
+            .unwrap();
+        }
+        let socket = dir.join("c.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display(),
+            certs = dir.join("certs.d").display(),
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        let mut c = Containerd {
+            child: None,
+            socket,
+            dir,
+        };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let bin = require("containerd", "the Debian package containerd");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log"))
+            .unwrap();
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let sock = self.socket.clone();
+        let logfile = self.dir.join("log");
+        wait_until(Duration::from_secs(30), "containerd to listen", || {
+            sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        let _ = logfile;
+    }
+
+    /// Kills containerd (SIGKILL, like a crash).
+    pub fn kill(&mut self) {
+        kill(&mut self.child);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Starts it again with the same state.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+// === moto ===
+
+/// The ECR API emulator, recording every request it gets.
+pub struct Moto {
+    child: Option<Child>,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl Moto {
+    /// Starts `moto_server` on a free loopback port.
+    pub fn start(dir: &Path) -> Self {
+        let bin = require(
+            "moto_server",
+            "moto[server] from PyPI (`pip install 'moto[server]'`)",
+        );
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_ENABLE_RECORDING", "True")
+            // The recording is a file in the working directory: one per moto.
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_until(Duration::from_secs(60), "moto_server to listen", || {
+            TcpStream::connect(&addr).is_ok()
+        });
+        let m = Moto {
+            child: Some(child),
+            addr,
+        };
+        let (status, head, _) = http(
+            &m.addr,
+            "POST",
+            "/moto-api/recorder/start-recording",
+            &[],
+            b"",
+        );
+        assert_eq!(status, 200, "{head}");
+        // One request that no test counts, so that the recording exists.
+        let (status, head, _) = http(
+            &m.addr,
+            "GET",
+            "/?Action=GetCallerIdentity&Version=2011-06-15",
+            &[],
+            b"",
+        );
+        assert_eq!(status, 200, "{head}");
+        m
+    }
+
+    /// The AWS environment that points the proxy at this emulator.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", format!("http://{}", self.addr)),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+        ]
+    }
+
+    /// How many requests with `X-Amz-Target` ending in `target` were signed
+    /// for `region` (e.g. `GetAuthorizationToken`, `us-east-1`).
+    pub fn calls(&self, target: &str, region: &str) -> usize {
+        let (status, _, body) = http(
+            &self.addr,
+            "GET",
+            "/moto-api/recorder/download-recording",
+            &[],
+            b"",
+        );
+        assert_eq!(status, 200);
+        let text = String::from_utf8_lossy(&body);
+        let scope = format!("/{region}/");
+        text.lines()
+            .filter(|l| l.contains(&format!(".{target}\"")) && l.contains(&scope))
+            .count()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}

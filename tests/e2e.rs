@@ -1,0 +1,363 @@
+//! End to end with real parts: containerd, a registry with htpasswd auth
+//! (user `AWS`, moto's password), and moto as the ECR API. `hosts.toml`
+//! sends ECR host names to the local registry over plain HTTP.
+
+mod support;
+
+use std::time::Duration;
+
+use ecr_pull_proxy::cri::{self, image_service_client::ImageServiceClient};
+use support::real::{Containerd, Moto, Registry, MOTO_PASSWORD, MOTO_TOKEN_B64};
+use support::{ProxyOptions, ProxyProcess};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+const ECR_HOST: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
+const LOOK_ALIKE: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com.evil.example";
+const CALLER_PASSWORD: &str = "caller-wrong-password-5f3a";
+
+struct Stack {
+    dir: tempfile::TempDir,
+    registry: Registry,
+    containerd: Containerd,
+    moto: Moto,
+}
+
+impl Stack {
+    /// containerd + registry + moto; every host in `hosts` (and the
+    /// registry's own address) is served by the registry.
+    fn start(hosts: &[&str]) -> Stack {
+        let dir = support::short_tempdir();
+        let moto = Moto::start(dir.path());
+        let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
+        let mut mirrors: Vec<(&str, &str)> =
+            hosts.iter().map(|h| (*h, registry.addr.as_str())).collect();
+        mirrors.push((registry.addr.as_str(), registry.addr.as_str()));
+        let containerd = Containerd::start(dir.path(), &mirrors);
+        Stack {
+            dir,
+            registry,
+            containerd,
+            moto,
+        }
+    }
+
+    fn proxy(&self, name: &str, config: &str) -> ProxyProcess {
+        let pdir = self.dir.path().join(name);
+        std::fs::create_dir_all(&pdir).unwrap();
+        ProxyProcess::start(
+            &pdir,
+            &self.containerd.socket,
+            ProxyOptions {
+                config: Some(config),
+                env: self.moto.env(),
+                args: vec![],
+            },
+        )
+    }
+
+    fn direct(&self) -> Channel {
+        support::channel(&self.containerd.socket)
+    }
+}
+
+fn client(channel: Channel) -> ImageServiceClient<Channel> {
+    ImageServiceClient::new(channel).max_decoding_message_size(support::MAX_MESSAGE)
+}
+
+async fn pull(
+    channel: Channel,
+    image: &str,
+    auth: Option<cri::AuthConfig>,
+) -> Result<String, Status> {
+    let req = cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        auth,
+        sandbox_config: Some(cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "pod".into(),
+                uid: "uid".into(),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            ..Default::default()
+        }),
+    };
+    client(channel)
+        .pull_image(req)
+        .await
+        .map(|r| r.into_inner().image_ref)
+}
+
+async fn remove(channel: Channel, image: &str) {
+    let spec = cri::ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    };
+    client(channel)
+        .remove_image(cri::RemoveImageRequest { image: Some(spec) })
+        .await
+        .unwrap();
+}
+
+fn creds(user: &str, password: &str) -> Option<cri::AuthConfig> {
+    Some(cri::AuthConfig {
+        username: user.into(),
+        password: password.into(),
+        ..Default::default()
+    })
+}
+
+fn assert_refused(result: Result<String, Status>) -> Status {
+    let err = result.expect_err("pull should be refused");
+    assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert!(
+        err.message().contains("401 Unauthorized"),
+        "{}",
+        err.message()
+    );
+    err
+}
+
+fn assert_no_secrets(logs: &str) {
+    use base64::Engine;
+    let caller_b64 =
+        base64::engine::general_purpose::STANDARD.encode(format!("AWS:{CALLER_PASSWORD}"));
+    for secret in [
+        MOTO_PASSWORD,
+        MOTO_TOKEN_B64,
+        CALLER_PASSWORD,
+        caller_b64.as_str(),
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "proxy log contains a secret ({secret})"
+        );
+    }
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "logs were not at the most verbose level"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_without_credentials_for_ecr_image_gets_token() {
+    let s = Stack::start(&[ECR_HOST]);
+    s.registry.push_image("app", &["v1"]);
+    let image = format!("{ECR_HOST}/app:v1");
+
+    // Direct, containerd has no credentials: the registry refuses.
+    assert_refused(pull(s.direct(), &image, None).await);
+
+    let proxy = s.proxy("p", "");
+    let image_ref = pull(proxy.channel(), &image, None)
+        .await
+        .expect("pull through the proxy");
+    assert!(image_ref.starts_with("sha256:"), "{image_ref}");
+    // Again, from cache.
+    remove(s.direct(), &image).await;
+    pull(proxy.channel(), &image, None)
+        .await
+        .expect("second pull through the proxy");
+    assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 1);
+
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("credentials=\"injected\" cache=\"miss\""),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("credentials=\"injected\" cache=\"hit\""),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("arrived expired"),
+        "moto's expired token is logged: {logs}"
+    );
+    assert_no_secrets(&logs);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn look_alike_host_gets_no_credentials() {
+    let s = Stack::start(&[LOOK_ALIKE]);
+    s.registry.push_image("app", &["v1"]);
+    let proxy = s.proxy("p", "");
+    assert_refused(pull(proxy.channel(), &format!("{LOOK_ALIKE}/app:v1"), None).await);
+    assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 0);
+    assert_no_secrets(&proxy.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_caller_password_succeeds_under_fallback_and_fails_under_keep() {
+    let s = Stack::start(&[ECR_HOST]);
+    s.registry.push_image("app", &["v1"]);
+    let image = format!("{ECR_HOST}/app:v1");
+
+    let keep = s.proxy("keep", "existing_credentials = \"keep\"");
+    assert_refused(pull(keep.channel(), &image, creds("AWS", CALLER_PASSWORD)).await);
+
+    let fallback = s.proxy("fallback", "");
+    pull(fallback.channel(), &image, creds("AWS", CALLER_PASSWORD))
+        .await
+        .expect("fallback to the ECR token");
+    let logs = fallback.logs();
+    assert!(logs.contains("credentials=\"fallback\""), "{logs}");
+    assert_no_secrets(&logs);
+    assert_no_secrets(&keep.logs());
+
+    // `replace` uses the ECR token straight away.
+    remove(s.direct(), &image).await;
+    let replace = s.proxy("replace", "existing_credentials = \"replace\"");
+    pull(replace.channel(), &image, creds("AWS", CALLER_PASSWORD))
+        .await
+        .expect("replace");
+    assert_no_secrets(&replace.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_concurrent_cold_pulls_make_one_token_call() {
+    let host = "123456789012.dkr.ecr.eu-central-1.amazonaws.com";
+    let s = Stack::start(&[host]);
+    let tags: Vec<String> = (0..16).map(|i| format!("t{i}")).collect();
+    s.registry
+        .push_image("app", &tags.iter().map(String::as_str).collect::<Vec<_>>());
+    let proxy = s.proxy("p", "");
+    let channel = proxy.channel();
+    let pulls: Vec<_> = tags
+        .iter()
+        .map(|t| {
+            let (channel, image) = (channel.clone(), format!("{host}/app:{t}"));
+            tokio::spawn(async move { pull(channel, &image, None).await })
+        })
+        .map(|h| async move { h.await.unwrap() })
+        .collect();
+    for r in futures_util::future::join_all(pulls).await {
+        r.expect("concurrent pull");
+    }
+    assert_eq!(s.moto.calls("GetAuthorizationToken", "eu-central-1"), 1);
+    assert_no_secrets(&proxy.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_ecr_calls_return_what_containerd_returns_direct() {
+    let s = Stack::start(&[]);
+    s.registry.push_image("plain", &["v1"]);
+    let image = format!("{}/plain:v1", s.registry.addr);
+    let proxy = s.proxy("p", "");
+
+    // Without credentials: containerd's own 401, unchanged.
+    let direct_err = assert_refused(pull(s.direct(), &image, None).await);
+    let proxied_err = assert_refused(pull(proxy.channel(), &image, None).await);
+    assert_eq!(proxied_err.message(), direct_err.message());
+
+    // With explicit credentials: succeeds through the proxy.
+    pull(proxy.channel(), &image, creds("AWS", MOTO_PASSWORD))
+        .await
+        .expect("pull with credentials");
+
+    let mut direct = client(s.direct());
+    let mut proxied = client(proxy.channel());
+    let list = cri::ListImagesRequest::default();
+    assert_eq!(
+        proxied
+            .list_images(list.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+        direct.list_images(list).await.unwrap().into_inner()
+    );
+    let status = cri::ImageStatusRequest {
+        image: Some(cri::ImageSpec {
+            image: image.clone(),
+            ..Default::default()
+        }),
+        verbose: true,
+    };
+    let via = proxied
+        .image_status(status.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(via.image.is_some());
+    assert_eq!(
+        via,
+        direct
+            .image_status(status.clone())
+            .await
+            .unwrap()
+            .into_inner()
+    );
+    let strip = |mut r: cri::ImageFsInfoResponse| {
+        for fs in r
+            .image_filesystems
+            .iter_mut()
+            .chain(r.container_filesystems.iter_mut())
+        {
+            fs.timestamp = 0;
+        }
+        r
+    };
+    let fs_via = strip(
+        proxied
+            .image_fs_info(cri::ImageFsInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let fs_direct = strip(
+        direct
+            .image_fs_info(cri::ImageFsInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(!fs_via.image_filesystems.is_empty());
+    assert_eq!(
+        fs_via.image_filesystems[0].fs_id,
+        fs_direct.image_filesystems[0].fs_id
+    );
+
+    remove(proxy.channel(), &image).await;
+    assert!(direct
+        .image_status(status)
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .is_none());
+    assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_restart_needs_no_proxy_restart() {
+    let mut s = Stack::start(&[ECR_HOST]);
+    s.registry.push_image("app", &["v1"]);
+    let proxy = s.proxy("p", "");
+    let mut c = client(proxy.channel());
+    c.image_fs_info(cri::ImageFsInfoRequest {}).await.unwrap();
+
+    s.containerd.kill();
+    let err = c
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message()
+            .contains(s.containerd.socket.to_str().unwrap()),
+        "{}",
+        err.message()
+    );
+
+    s.containerd.restart();
+    support::eventually(Duration::from_secs(10), "containerd back", || true).await;
+    c.image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .expect("works again without a proxy restart");
+    pull(proxy.channel(), &format!("{ECR_HOST}/app:v1"), None)
+        .await
+        .expect("pull after restart");
+}
