@@ -24,7 +24,7 @@ use tonic::{Code, Status};
 use crate::config::{ExistingCredentials, MAX_MESSAGE_SIZE};
 use crate::credentials::{Resolver, Target};
 use crate::ecr::{CacheOutcome, ErrorKind, SourceError};
-use crate::pull::{self, WireError, GRPC_HEADER_LEN};
+use crate::pull::{self, GRPC_HEADER_LEN};
 
 /// The one method whose request is read.
 pub const PULL_IMAGE_PATH: &str = "/runtime.v1.ImageService/PullImage";
@@ -290,18 +290,19 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         let method: Arc<str> = req.uri().path().into();
-        let response = if &*method == PULL_IMAGE_PATH {
+        let (response, pull) = if &*method == PULL_IMAGE_PATH {
             self.pull_image(req).await
         } else {
-            match self.forward(req.map(boxed)).await {
+            let response = match self.forward(req.map(boxed)).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(method = %method, error = %error_chain(&e), "call failed");
                     status_response(&status_for(&e))
                 }
-            }
+            };
+            (response, None)
         };
-        observe(response, method, started)
+        observe(response, method, started, pull)
     }
 
     async fn forward(
@@ -313,9 +314,14 @@ impl Proxy {
         Ok(resp.map(boxed))
     }
 
-    async fn pull_image(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Reads the request, decides on credentials and forwards it. Returns
+    /// the answer and, for a readable request, what to log once the answer
+    /// has ended.
+    async fn pull_image(
+        &self,
+        req: Request<Incoming>,
+    ) -> (Response<ProxyBody>, Option<PullRecord>) {
         let (parts, body) = req.into_parts();
-        let started = Instant::now();
         let collected = match Limited::new(body, MAX_MESSAGE_SIZE + GRPC_HEADER_LEN)
             .collect()
             .await
@@ -330,7 +336,7 @@ impl Proxy {
                     ProxyError::RequestBody { source: e }
                 };
                 tracing::warn!(error = %error_chain(&err), "PullImage refused");
-                return status_response(&status_for(&err));
+                return (status_response(&status_for(&err)), None);
             }
         };
         let request_trailers = collected.trailers().cloned();
@@ -342,34 +348,29 @@ impl Proxy {
                 // Not ours to judge: containerd answers malformed requests
                 // with its own error.
                 tracing::debug!(error = %e, "PullImage request not readable; forwarding it unchanged");
-                return self.send_bytes(&parts, body, request_trailers).await;
+                return (self.send_bytes(&parts, body, request_trailers).await, None);
             }
         };
         let resolver = &self.inner.resolver;
         let Some(target) = resolver.target(&info.image) else {
-            let resp = self.send_bytes(&parts, body, request_trailers).await;
-            log_pull(
-                &info.image,
-                None,
-                CredentialSourceKind::None,
-                None,
-                started,
-                &resp,
+            let record = PullRecord::new(&info.image, None, CredentialSourceKind::None, None);
+            return (
+                self.send_bytes(&parts, body, request_trailers).await,
+                Some(record),
             );
-            return resp;
         };
         let policy = resolver.existing_credentials();
         if info.has_credentials && policy == ExistingCredentials::Keep {
-            let resp = self.send_bytes(&parts, body, request_trailers).await;
-            log_pull(
+            let record = PullRecord::new(
                 &info.image,
                 Some(&target),
                 CredentialSourceKind::Caller,
                 None,
-                started,
-                &resp,
             );
-            return resp;
+            return (
+                self.send_bytes(&parts, body, request_trailers).await,
+                Some(record),
+            );
         }
         if info.has_credentials && policy == ExistingCredentials::Fallback {
             let first = self
@@ -384,42 +385,28 @@ impl Proxy {
                     Ok((head, collected)) => Response::from_parts(head, boxed(collected)),
                     Err(e) => status_response(&status_for(&e)),
                 };
-                log_pull(
+                let record = PullRecord::new(
                     &info.image,
                     Some(&target),
                     CredentialSourceKind::Caller,
                     None,
-                    started,
-                    &resp,
                 );
-                return resp;
+                return (resp, Some(record));
             }
             tracing::info!(
                 image = %info.image,
                 registry = %target.image_host,
                 "registry refused the caller's credentials; retrying once with the ECR token"
             );
+            let kind = CredentialSourceKind::Fallback;
             return self
-                .pull_with_token(
-                    &parts,
-                    message,
-                    &info.image,
-                    &target,
-                    CredentialSourceKind::Fallback,
-                    started,
-                )
+                .pull_with_token(&parts, message, &info.image, &target, kind)
                 .await;
         }
         // No credentials, or policy `replace`.
-        self.pull_with_token(
-            &parts,
-            message,
-            &info.image,
-            &target,
-            CredentialSourceKind::Injected,
-            started,
-        )
-        .await
+        let kind = CredentialSourceKind::Injected;
+        self.pull_with_token(&parts, message, &info.image, &target, kind)
+            .await
     }
 
     async fn pull_with_token(
@@ -429,8 +416,7 @@ impl Proxy {
         image: &str,
         target: &Target,
         kind: CredentialSourceKind,
-        started: Instant,
-    ) -> Response<ProxyBody> {
+    ) -> (Response<ProxyBody>, Option<PullRecord>) {
         let (credentials, outcome) = match self.inner.resolver.credentials(target).await {
             Ok(v) => v,
             Err(source) => {
@@ -440,18 +426,28 @@ impl Proxy {
                     region: target.registry.region.clone(),
                     source,
                 };
-                let status = status_for(&err);
-                tracing::warn!(image = %image, registry = %target.image_host, key = %target.key, error = %error_chain(&err), "pull failed: no ECR token");
-                return status_response(&status);
+                tracing::warn!(
+                    image = %image,
+                    registry = %target.image_host,
+                    key = %target.key,
+                    error = %error_chain(&err),
+                    "no ECR token for this pull"
+                );
+                let record = PullRecord::new(image, Some(target), kind, None);
+                return (status_response(&status_for(&err)), Some(record));
             }
         };
-        let rewritten = match pull::with_credentials(message, &credentials) {
-            Ok(m) => m,
-            Err(e) => unreachable_wire(e),
+        let record = PullRecord::new(image, Some(target), kind, Some(outcome));
+        let body = match pull::with_credentials(message, &credentials) {
+            Ok(m) => pull::frame(&m),
+            Err(e) => {
+                // `read` accepted these bytes, and the rewrite walks them the
+                // same way; if that ever fails, forward unchanged, never panic.
+                tracing::error!(error = %e, "PullImage rewrite failed; forwarding unchanged");
+                pull::frame(message)
+            }
         };
-        let resp = self.send_bytes(parts, pull::frame(&rewritten), None).await;
-        log_pull(image, Some(target), kind, Some(outcome), started, &resp);
-        resp
+        (self.send_bytes(parts, body, None).await, Some(record))
     }
 
     /// Rebuilds a request from its head and a (possibly rewritten) body. A
@@ -524,11 +520,6 @@ impl Proxy {
     }
 }
 
-fn unreachable_wire(e: WireError) -> Vec<u8> {
-    // `with_credentials` walks the same bytes `read` already accepted.
-    panic!("PullImage message was readable but not rewritable: {e}")
-}
-
 /// Whether containerd's answer says the registry refused the credentials.
 /// containerd reports this inside an `Unknown` status with wording that
 /// differs across versions and code paths.
@@ -580,29 +571,29 @@ fn grpc_status_of(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v: &HeaderValue| v.to_str().ok())
 }
 
-fn log_pull(
-    image: &str,
-    target: Option<&Target>,
-    kind: CredentialSourceKind,
+/// What the per-pull log line says, filled in as the pull is handled and
+/// written when the answer ends (the final status is in the trailers).
+pub struct PullRecord {
+    image: String,
+    registry: String,
+    credentials: CredentialSourceKind,
     cache: Option<CacheOutcome>,
-    started: Instant,
-    resp: &Response<ProxyBody>,
-) {
-    // For a unary answer that is not trailers-only the final status is in the
-    // trailers; the per-call debug line reports it. Here: what is known now.
-    let result = match grpc_status_of(resp.headers()) {
-        Some("0") | None => "forwarded",
-        Some(_) => "error",
-    };
-    tracing::info!(
-        image = %image,
-        registry = target.map(|t| t.image_host.as_str()).unwrap_or(""),
-        credentials = kind.as_str(),
-        cache = cache.map(CacheOutcome::as_str).unwrap_or("-"),
-        duration_ms = started.elapsed().as_millis() as u64,
-        result,
-        "pull"
-    );
+}
+
+impl PullRecord {
+    fn new(
+        image: &str,
+        target: Option<&Target>,
+        credentials: CredentialSourceKind,
+        cache: Option<CacheOutcome>,
+    ) -> Self {
+        PullRecord {
+            image: image.to_owned(),
+            registry: target.map(|t| t.image_host.clone()).unwrap_or_default(),
+            credentials,
+            cache,
+        }
+    }
 }
 
 /// A body that does not announce its length, so that hyper adds no
@@ -627,9 +618,14 @@ impl<B: Body + Unpin> Body for NoLength<B> {
 
 // === per-call observation ===
 
-/// Wraps the response body to log one debug line per call when it ends:
-/// method, final gRPC status, duration.
-fn observe(resp: Response<ProxyBody>, method: Arc<str>, started: Instant) -> Response<ProxyBody> {
+/// Wraps the response body to log when the call ends: one debug line per
+/// call (method, final gRPC status, duration) and, for pulls, one info line.
+fn observe(
+    resp: Response<ProxyBody>,
+    method: Arc<str>,
+    started: Instant,
+    pull: Option<PullRecord>,
+) -> Response<ProxyBody> {
     let status = grpc_status_of(resp.headers()).map(str::to_owned);
     resp.map(|body| {
         ObservedBody {
@@ -637,6 +633,7 @@ fn observe(resp: Response<ProxyBody>, method: Arc<str>, started: Instant) -> Res
             method,
             started,
             status,
+            pull,
             done: false,
         }
         .boxed_unsync()
@@ -648,6 +645,7 @@ struct ObservedBody {
     method: Arc<str>,
     started: Instant,
     status: Option<String>,
+    pull: Option<PullRecord>,
     done: bool,
 }
 
@@ -657,13 +655,32 @@ impl ObservedBody {
             return;
         }
         self.done = true;
+        let grpc_status = self.status.as_deref().unwrap_or("-");
+        let elapsed = self.started.elapsed();
         tracing::debug!(
             method = %self.method,
-            grpc_status = self.status.as_deref().unwrap_or("-"),
+            grpc_status,
             outcome,
-            duration_us = self.started.elapsed().as_micros() as u64,
+            duration_us = elapsed.as_micros() as u64,
             "call"
         );
+        if let Some(p) = &self.pull {
+            let result = match (outcome, grpc_status) {
+                ("complete", "0") => "ok",
+                ("complete", _) => "error",
+                _ => outcome,
+            };
+            tracing::info!(
+                image = %p.image,
+                registry = %p.registry,
+                credentials = p.credentials.as_str(),
+                cache = p.cache.map(CacheOutcome::as_str).unwrap_or("-"),
+                duration_ms = elapsed.as_millis() as u64,
+                result,
+                grpc_status,
+                "pull"
+            );
+        }
     }
 }
 

@@ -187,7 +187,12 @@ async fn look_alike_host_gets_no_credentials() {
     let proxy = s.proxy("p", "");
     assert_refused(pull(proxy.channel(), &format!("{LOOK_ALIKE}/app:v1"), None).await);
     assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 0);
-    assert_no_secrets(&proxy.logs());
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("credentials=\"none\"") && logs.contains("result=\"error\""),
+        "{logs}"
+    );
+    assert_no_secrets(&logs);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -101,9 +101,11 @@ impl ProxyProcess {
         cmd.arg("--listen")
             .arg(&socket)
             .arg("--upstream")
-            .arg(upstream)
-            .arg("--log-level")
-            .arg("trace");
+            .arg(upstream);
+        // The most verbose level unless the test asks for another.
+        if !opts.args.contains(&"--log-level") {
+            cmd.args(["--log-level", "trace"]);
+        }
         let config = dir.join("config.toml");
         std::fs::write(&config, opts.config.unwrap_or("")).unwrap();
         cmd.arg("--config").arg(&config);
