@@ -348,7 +348,7 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })?;
     // The file decides who gets credentials; a file anyone can edit would let
     // any local user send the node's ECR token to a host of their choosing.
-    if meta.permissions().mode() & 0o002 != 0 {
+    if meta.is_file() && meta.permissions().mode() & 0o002 != 0 {
         return Err(ConfigError::Parse {
             path: path.to_owned(),
             message: "file is world-writable; run `chmod o-w` on it".into(),

@@ -89,14 +89,20 @@ pub struct ProxyOptions<'a> {
     pub env: Vec<(&'a str, String)>,
     /// Extra arguments.
     pub args: Vec<&'a str>,
+    /// The socket to listen on, instead of `proxy.sock` in the directory.
+    pub listen: Option<PathBuf>,
 }
 
 impl ProxyProcess {
     /// Starts the proxy listening in `dir`, forwarding to `upstream`, and
     /// waits until the socket accepts connections.
     pub fn start(dir: &Path, upstream: &Path, opts: ProxyOptions<'_>) -> Self {
-        let socket = dir.join("proxy.sock");
-        let log = dir.join("proxy.log");
+        let socket = opts
+            .listen
+            .clone()
+            .unwrap_or_else(|| dir.join("proxy.sock"));
+        let name = socket.file_name().unwrap().to_string_lossy().into_owned();
+        let log = dir.join(format!("{name}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"));
         cmd.arg("--listen")
             .arg(&socket)
@@ -106,7 +112,7 @@ impl ProxyProcess {
         if !opts.args.contains(&"--log-level") {
             cmd.args(["--log-level", "trace"]);
         }
-        let config = dir.join("config.toml");
+        let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, opts.config.unwrap_or("")).unwrap();
         cmd.arg("--config").arg(&config);
         cmd.args(&opts.args);

@@ -1,0 +1,237 @@
+//! The daemon as an operator meets it: the socket, readiness, the command
+//! line and configuration mistakes.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
+
+use bytes::Bytes;
+use support::scripted::ScriptedUpstream;
+use support::{raw, run_proxy_to_exit, ProxyOptions, ProxyProcess};
+use tonic::Request;
+
+const EXIT_USAGE: i32 = 64;
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn socket_is_created_0660_in_a_new_directory() {
+    let dir = support::short_tempdir();
+    let upstream = ScriptedUpstream::start(&dir.path().join("up.sock")).await;
+    let nested = dir.path().join("run/epp");
+    std::fs::create_dir_all(&nested).unwrap();
+    std::fs::remove_dir(&nested).unwrap();
+    let proxy = ProxyProcess::start(dir.path(), &upstream.socket, ProxyOptions::default());
+    assert_eq!(mode(&proxy.socket), 0o660);
+
+    // A listen path in a directory that does not exist yet.
+    let sock = nested.join("p.sock");
+    let p2 = ProxyProcess::start(
+        dir.path(),
+        &upstream.socket,
+        ProxyOptions {
+            listen: Some(sock),
+            ..Default::default()
+        },
+    );
+    let _ = p2;
+    assert!(nested.is_dir());
+    assert_eq!(
+        mode(&nested) & 0o002,
+        0,
+        "socket directory must not be world-writable"
+    );
+}
+
+#[tokio::test]
+async fn socket_mode_and_group_are_configurable() {
+    let dir = support::short_tempdir();
+    let upstream = ScriptedUpstream::start(&dir.path().join("up.sock")).await;
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &upstream.socket,
+        ProxyOptions {
+            config: Some("socket_mode = \"0600\"\nsocket_group = \"12345\""),
+            ..Default::default()
+        },
+    );
+    assert_eq!(mode(&proxy.socket), 0o600);
+    assert_eq!(std::fs::metadata(&proxy.socket).unwrap().gid(), 12345);
+}
+
+#[tokio::test]
+async fn stale_socket_is_replaced() {
+    let dir = support::short_tempdir();
+    let upstream = ScriptedUpstream::start(&dir.path().join("up.sock")).await;
+    let path = dir.path().join("proxy.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let proxy = ProxyProcess::start(dir.path(), &upstream.socket, ProxyOptions::default());
+    raw::unary(
+        proxy.channel(),
+        "/runtime.v1.ImageService/ImageFsInfo",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap();
+    assert!(proxy.logs().contains("removing stale socket"));
+}
+
+#[test]
+fn a_live_socket_or_a_file_is_never_taken_over() {
+    let dir = support::short_tempdir();
+    let live = dir.path().join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let (code, out) = run_proxy_to_exit(
+        &["--listen", live.to_str().unwrap(), "--config", "/dev/null"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("in use by a running process"), "{out}");
+    assert!(live.exists());
+
+    let file = dir.path().join("file");
+    std::fs::write(&file, "keep me").unwrap();
+    let (code, out) = run_proxy_to_exit(
+        &["--listen", file.to_str().unwrap(), "--config", "/dev/null"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("is not a socket"), "{out}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+#[test]
+fn ready_is_sent_to_systemd_once_listening() {
+    let dir = support::short_tempdir();
+    let notify = dir.path().join("notify.sock");
+    let rx = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let sock = dir.path().join("p.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"))
+        .args([
+            "--listen",
+            sock.to_str().unwrap(),
+            "--upstream",
+            "/nonexistent.sock",
+            "--config",
+            "/dev/null",
+        ])
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = rx.recv(&mut buf).expect("a notification");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    // The socket must already accept connections when READY=1 arrives.
+    let connected = std::os::unix::net::UnixStream::connect(&sock).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(msg.contains("READY=1"), "{msg}");
+    assert!(connected);
+}
+
+#[test]
+fn config_mistakes_refuse_to_start_with_exit_64_naming_the_key() {
+    let dir = support::short_tempdir();
+    let cases: &[(&str, &[&str])] = &[
+        ("colour = \"blue\"\n", &["unknown field `colour`"]),
+        (
+            "existing_credentials = \"sometimes\"\n",
+            &["sometimes", "fallback", "keep", "replace"],
+        ),
+        ("shutdown_grace = \"forever\"\n", &["shutdown_grace"]),
+        ("socket_mode = \"0777\"\n", &["socket_mode"]),
+        (
+            "[[registries]]\npatterns = [\"m.example\"]\nregistry = \"not-ecr.example\"\n",
+            &["registries[0].registry"],
+        ),
+        ("listen = [\n", &["config file"]),
+    ];
+    for (i, (text, needles)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, out) = run_proxy_to_exit(
+            &[
+                "--config",
+                path.to_str().unwrap(),
+                "--listen",
+                "/tmp/epp-never.sock",
+            ],
+            Duration::from_secs(10),
+        );
+        assert_eq!(code, Some(EXIT_USAGE), "{text}: {out}");
+        for n in *needles {
+            assert!(out.contains(n), "{text}: {out} should mention {n}");
+        }
+        assert_eq!(
+            out.lines().filter(|l| !l.trim().is_empty()).count(),
+            1,
+            "one clear line: {out}"
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/epp-never.sock").exists());
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_shows_the_defaults() {
+    let (code, out) = run_proxy_to_exit(&["--no-such-flag"], Duration::from_secs(10));
+    assert_eq!(code, Some(EXIT_USAGE), "{out}");
+    let (code, out) = run_proxy_to_exit(&["--log-format", "xml"], Duration::from_secs(10));
+    assert_eq!(code, Some(EXIT_USAGE), "{out}");
+    assert!(out.contains("text") && out.contains("json"), "{out}");
+    let (code, out) = run_proxy_to_exit(&["--help"], Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+    for default in [
+        ecr_pull_proxy::config::DEFAULT_LISTEN,
+        ecr_pull_proxy::config::DEFAULT_UPSTREAM,
+        ecr_pull_proxy::config::DEFAULT_CONFIG_PATH,
+    ] {
+        assert!(out.contains(default), "--help should show {default}: {out}");
+    }
+    let (code, out) = run_proxy_to_exit(&["--version"], Duration::from_secs(10));
+    assert_eq!(code, Some(0));
+    assert!(out.contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = support::short_tempdir();
+    let sock = dir.path().join("p.sock");
+    let log = dir.path().join("log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"))
+        .args([
+            "--listen",
+            sock.to_str().unwrap(),
+            "--upstream",
+            "/nonexistent.sock",
+            "--config",
+            "/dev/null",
+            "--log-format",
+            "json",
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    support::wait_until(Duration::from_secs(10), "socket", || sock.exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().count() >= 2, "{text}");
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(
+            v.get("message").is_some() && v.get("level").is_some(),
+            "{line}"
+        );
+    }
+}

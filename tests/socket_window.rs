@@ -1,0 +1,59 @@
+//! The socket never exists with a wider mode than configured, even when the
+//! proxy inherits umask 000. A watcher polls the path's mode while the
+//! proxy starts. (Its own file: umask is process-wide.)
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[test]
+fn socket_is_never_more_open_than_its_mode() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    for round in 0..20 {
+        let dir = support::short_tempdir();
+        let sock = dir.path().join("p.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let watcher = {
+            let (stop, seen, sock) = (stop.clone(), seen.clone(), sock.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::symlink_metadata(&sock) {
+                        seen.lock().unwrap().push(m.permissions().mode() & 0o777);
+                    }
+                }
+            })
+        };
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"))
+            .args([
+                "--listen",
+                sock.to_str().unwrap(),
+                "--upstream",
+                "/nonexistent.sock",
+                "--config",
+                "/dev/null",
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        support::wait_until(Duration::from_secs(10), "proxy to listen", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        stop.store(true, Ordering::Relaxed);
+        watcher.join().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let seen = seen.lock().unwrap();
+        assert!(!seen.is_empty(), "round {round}: watcher saw the socket");
+        for m in seen.iter() {
+            assert_eq!(
+                m & !0o660,
+                0,
+                "round {round}: socket was {m:o} at some point"
+            );
+        }
+    }
+}
