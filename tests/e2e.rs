@@ -51,7 +51,7 @@ impl Stack {
             ProxyOptions {
                 config: Some(config),
                 env: self.moto.env(),
-                args: vec![],
+                ..Default::default()
             },
         )
     }
