@@ -27,9 +27,14 @@ impl Stack {
     /// containerd + registry + moto; every host in `hosts` (and the
     /// registry's own address) is served by the registry.
     fn start(hosts: &[&str]) -> Stack {
+        Self::with_password(hosts, MOTO_PASSWORD)
+    }
+
+    /// As `start`, with a registry that accepts `AWS`/`password`.
+    fn with_password(hosts: &[&str], password: &str) -> Stack {
         let dir = support::short_tempdir();
         let moto = Moto::start(dir.path());
-        let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
+        let registry = Registry::start(dir.path(), "AWS", password);
         let mut mirrors: Vec<(&str, &str)> =
             hosts.iter().map(|h| (*h, registry.addr.as_str())).collect();
         mirrors.push((registry.addr.as_str(), registry.addr.as_str()));
@@ -43,6 +48,15 @@ impl Stack {
     }
 
     fn proxy(&self, name: &str, config: &str) -> ProxyProcess {
+        self.proxy_with_env(name, config, self.moto.env())
+    }
+
+    fn proxy_with_env(
+        &self,
+        name: &str,
+        config: &str,
+        env: Vec<(&'static str, String)>,
+    ) -> ProxyProcess {
         let pdir = self.dir.path().join(name);
         std::fs::create_dir_all(&pdir).unwrap();
         ProxyProcess::start(
@@ -50,7 +64,7 @@ impl Stack {
             &self.containerd.socket,
             ProxyOptions {
                 config: Some(config),
-                env: self.moto.env(),
+                env,
                 ..Default::default()
             },
         )
@@ -365,4 +379,103 @@ async fn containerd_restart_needs_no_proxy_restart() {
     pull(proxy.channel(), &format!("{ECR_HOST}/app:v1"), None)
         .await
         .expect("pull after restart");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registries_entry_with_role_pulls_a_mirror_with_the_roles_token() {
+    // moto derives the token from the caller's account: only the assumed
+    // role's token (account 210987654321) opens this registry.
+    let mirror = "ecr-mirror.internal";
+    let s = Stack::with_password(&[mirror, ECR_HOST], "210987654321-auth-token");
+    s.registry.push_image("team/app", &["v1"]);
+    let config = r#"
+[[registries]]
+patterns = ["ecr-mirror.internal/team"]
+registry = "210987654321.dkr.ecr.eu-west-1.amazonaws.com"
+role_arn = "arn:aws:iam::210987654321:role/pull"
+external_id = "ext-1"
+"#;
+    let proxy = s.proxy("p", config);
+    pull(proxy.channel(), &format!("{mirror}/team/app:v1"), None)
+        .await
+        .expect("pull through the role");
+
+    let requests = s.moto.requests();
+    let assume: Vec<_> = requests
+        .iter()
+        .filter(|(a, _, _)| a == "AssumeRole")
+        .collect();
+    assert_eq!(assume.len(), 1, "{requests:?}");
+    assert!(
+        assume[0]
+            .2
+            .contains("RoleArn=arn%3Aaws%3Aiam%3A%3A210987654321%3Arole%2Fpull"),
+        "{}",
+        assume[0].2
+    );
+    assert!(assume[0].2.contains("ExternalId=ext-1"), "{}", assume[0].2);
+    assert_eq!(s.moto.calls("GetAuthorizationToken", "eu-west-1"), 1);
+    // The node's own identity (account 123456789012) does not open it.
+    assert_refused(pull(proxy.channel(), &format!("{ECR_HOST}/team/app:v1"), None).await);
+    assert_no_secrets(&proxy.logs());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_aws_credentials_fails_the_pull_fast_naming_image_region_and_cause() {
+    let s = Stack::start(&[ECR_HOST]);
+    let env = vec![("AWS_ENDPOINT_URL", format!("http://{}", s.moto.addr))];
+    let proxy = s.proxy_with_env("p", "aws_timeout = \"3s\"", env);
+    let image = format!("{ECR_HOST}/app:v1");
+    let started = std::time::Instant::now();
+    let err = pull(proxy.channel(), &image, None).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    for needle in [image.as_str(), "us-east-1", "credential"] {
+        assert!(
+            err.message().contains(needle),
+            "{} should name {needle}",
+            err.message()
+        );
+    }
+    // The daemon keeps serving: the next call is answered.
+    client(proxy.channel())
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instance_metadata_that_never_answers_fails_within_the_timeout() {
+    let s = Stack::start(&[ECR_HOST]);
+    // Accepts connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let imds = format!("http://{}", silent.local_addr().unwrap());
+    let env = vec![
+        ("AWS_ENDPOINT_URL", format!("http://{}", s.moto.addr)),
+        ("AWS_EC2_METADATA_DISABLED", "false".to_owned()),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds),
+    ];
+    let proxy = s.proxy_with_env("p", "aws_timeout = \"2s\"", env);
+    let image = format!("{ECR_HOST}/app:v1");
+    let started = std::time::Instant::now();
+    let err = pull(proxy.channel(), &image, None).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::Unauthenticated),
+        "{err:?}"
+    );
+    assert!(err.message().contains(&image), "{}", err.message());
+    // A second pull inside the backoff does not wait again.
+    let started = std::time::Instant::now();
+    pull(proxy.channel(), &image, None).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "backoff should answer at once"
+    );
+    drop(silent);
 }

@@ -400,9 +400,12 @@ impl Moto {
         ]
     }
 
-    /// How many requests with `X-Amz-Target` ending in `target` were signed
-    /// for `region` (e.g. `GetAuthorizationToken`, `us-east-1`).
-    pub fn calls(&self, target: &str, region: &str) -> usize {
+    /// Every request moto has recorded, as (action, region, decoded body):
+    /// the action from `X-Amz-Target` (JSON APIs such as ECR) or from
+    /// `Action=` in the body (query APIs such as STS), the region from the
+    /// signature's credential scope.
+    pub fn requests(&self) -> Vec<(String, String, String)> {
+        use base64::Engine;
         let (status, _, body) = http(
             &self.addr,
             "GET",
@@ -411,10 +414,52 @@ impl Moto {
             b"",
         );
         assert_eq!(status, 200);
-        let text = String::from_utf8_lossy(&body);
-        let scope = format!("/{region}/");
+        let text = String::from_utf8_lossy(&body).into_owned();
         text.lines()
-            .filter(|l| l.contains(&format!(".{target}\"")) && l.contains(&scope))
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let headers = &v["headers"];
+                let mut body = v["body"].as_str().unwrap_or("").to_owned();
+                if v["body_encoded"].as_bool() == Some(true) {
+                    body = String::from_utf8_lossy(
+                        &base64::engine::general_purpose::STANDARD
+                            .decode(&body)
+                            .unwrap(),
+                    )
+                    .into_owned();
+                }
+                let action = match headers["X-Amz-Target"].as_str() {
+                    Some(t) => t.rsplit('.').next().unwrap().to_owned(),
+                    None => body
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("Action="))
+                        .or_else(|| {
+                            v["url"].as_str().and_then(|u| {
+                                u.split(['?', '&'])
+                                    .find_map(|kv| kv.strip_prefix("Action="))
+                            })
+                        })
+                        .unwrap_or("")
+                        .to_owned(),
+                };
+                // Credential=KEY/DATE/REGION/SERVICE/aws4_request
+                let region = headers["Authorization"]
+                    .as_str()
+                    .and_then(|a| a.split("Credential=").nth(1))
+                    .and_then(|c| c.split('/').nth(2))
+                    .unwrap_or("")
+                    .to_owned();
+                (action, region, body)
+            })
+            .collect()
+    }
+
+    /// How many `action` requests were signed for `region`.
+    pub fn calls(&self, action: &str, region: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|(a, r, _)| a == action && r == region)
             .count()
     }
 }
