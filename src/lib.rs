@@ -28,6 +28,24 @@ use std::sync::Arc;
 
 use config::Config;
 
+/// `err: cause: cause` on one line, built from `Display` only (never
+/// `Debug`, which for SDK errors can include whole HTTP exchanges). Used for
+/// every error message and log field.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let text = e.to_string();
+        // Some libraries repeat their source in their own message.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -59,4 +77,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     server::notify_ready();
     server::serve(listening, proxy, shutdown, config.shutdown_grace).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle: inner\nsecond line")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_is_one_line_of_display_texts() {
+        let e = Outer(Middle(std::io::Error::other("inner\nsecond line")));
+        assert_eq!(error_chain(&e), "outer: middle: inner second line");
+    }
 }

@@ -110,17 +110,7 @@ pub fn status_for(err: &ProxyError) -> Status {
     Status::new(code, format!("ecr-pull-proxy: {}", error_chain(err)))
 }
 
-/// `err: cause: cause`, for messages and logs.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+pub use crate::error_chain;
 
 fn status_response(status: &Status) -> Response<ProxyBody> {
     status.clone().into_http()

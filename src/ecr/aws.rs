@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_ecr::config::Region;
 use aws_sdk_ecr::error::{ProvideErrorMetadata, SdkError};
-use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::timeout::TimeoutConfig;
 use base64::Engine;
 use futures_util::future::BoxFuture;
@@ -207,12 +206,12 @@ type EcrError = SdkError<
 >;
 
 fn classify(err: &EcrError) -> SourceError {
-    let message = DisplayErrorContext(err).to_string();
+    let message = crate::error_chain(err);
     // A credential chain that found nothing, or an AssumeRole that failed,
     // surfaces as a CredentialsError somewhere in the chain.
     if let Some(cred) = find_source::<aws_credential_types::provider::error::CredentialsError>(err)
     {
-        let text = DisplayErrorContext(cred).to_string();
+        let text = crate::error_chain(cred);
         let (kind, code) = if ACCESS_DENIED_CODES.iter().any(|c| text.contains(c)) {
             (ErrorKind::AccessDenied, Some("AccessDenied".to_owned()))
         } else if matches!(
