@@ -37,6 +37,28 @@ pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Name of the provider taken from a kubelet `CredentialProviderConfig`.
 pub const ECR_PROVIDER_NAME: &str = "ecr-credential-provider";
 
+/// Every key the config file accepts (`registries.*` are the keys of each
+/// `[[registries]]` entry). The README's reference lists exactly these; a
+/// test holds the two and the parser together.
+pub const CONFIG_KEYS: &[&str] = &[
+    "listen",
+    "upstream",
+    "socket_mode",
+    "socket_group",
+    "shutdown_grace",
+    "log_level",
+    "log_format",
+    "existing_credentials",
+    "default_patterns",
+    "credential_provider_config",
+    "aws_timeout",
+    "registries",
+    "registries.patterns",
+    "registries.registry",
+    "registries.role_arn",
+    "registries.external_id",
+];
+
 /// Command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -594,6 +616,38 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::from_toml(text, &cli()).unwrap_err().to_string()
+    }
+
+    /// serde lists the accepted fields in its unknown-field error; they must
+    /// be exactly `CONFIG_KEYS`.
+    #[test]
+    fn config_keys_are_exactly_what_the_parser_accepts() {
+        fn expected(text: &str) -> Vec<String> {
+            let e = err(text);
+            let list = e
+                .split("expected one of ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{e}"));
+            list.split(',')
+                .map(|k| {
+                    k.trim()
+                        .trim_matches(|c: char| c == '`' || !c.is_ascii_graphic())
+                        .to_owned()
+                })
+                .filter(|k| !k.is_empty())
+                .collect()
+        }
+        let mut parsed = expected("zzz = 1");
+        let entry = "[[registries]]\npatterns = [\"m.example\"]\nregistry = \"123456789012.dkr.ecr.us-east-1.amazonaws.com\"\nzzz = 1";
+        parsed.extend(
+            expected(entry)
+                .into_iter()
+                .map(|k| format!("registries.{k}")),
+        );
+        parsed.sort();
+        let mut keys: Vec<String> = CONFIG_KEYS.iter().map(|k| k.to_string()).collect();
+        keys.sort();
+        assert_eq!(parsed, keys);
     }
 
     #[test]

@@ -1,0 +1,137 @@
+//! The README and the systemd unit say what the code does: every config key
+//! and default named in the README exists in the code and the reverse, and
+//! the unit verifies with the hardening score the README states.
+
+mod support;
+
+use std::process::Command;
+
+use ecr_pull_proxy::config::{self, CONFIG_KEYS};
+use ecr_pull_proxy::ecr::{cache, host::DEFAULT_PATTERNS};
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
+}
+
+/// The backticked first cells of the table under `### Config file keys`.
+fn readme_config_keys(readme: &str) -> Vec<String> {
+    let section = readme
+        .split("### Config file keys")
+        .nth(1)
+        .expect("config keys section");
+    section
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap()
+                .trim()
+                .trim_matches('`')
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn readme_lists_exactly_the_config_keys() {
+    let mut documented = readme_config_keys(&readme());
+    let mut keys: Vec<String> = CONFIG_KEYS.iter().map(|k| k.to_string()).collect();
+    documented.sort();
+    keys.sort();
+    assert_eq!(documented, keys);
+}
+
+#[test]
+fn readme_states_the_defaults_the_code_uses() {
+    let readme = readme();
+    let secs = |d: std::time::Duration| format!("\"{}\"", humantime::format_duration(d));
+    let expected = [
+        config::DEFAULT_LISTEN.to_owned(),
+        config::DEFAULT_UPSTREAM.to_owned(),
+        config::DEFAULT_CONFIG_PATH.to_owned(),
+        format!("\"{:04o}\"", config::DEFAULT_SOCKET_MODE),
+        secs(config::DEFAULT_SHUTDOWN_GRACE),
+        secs(config::DEFAULT_AWS_TIMEOUT),
+        format!("`\"{}\"`", config::DEFAULT_EXISTING_CREDENTIALS),
+        format!("{} bytes", config::MAX_MESSAGE_SIZE),
+        format!("{} minutes", cache::EXPIRY_MARGIN.as_secs() / 60),
+        format!("at most {} s", cache::EXPIRED_ON_ARRIVAL_TTL.as_secs()),
+        format!(
+            "from {} s to {} s",
+            cache::ERROR_BACKOFF_MIN.as_secs(),
+            cache::ERROR_BACKOFF_MAX.as_secs()
+        ),
+    ];
+    for e in &expected {
+        assert!(readme.contains(e.as_str()), "README should state {e}");
+    }
+    for p in DEFAULT_PATTERNS {
+        assert!(
+            readme.contains(&format!("`{p}`")),
+            "README should list the default pattern {p}"
+        );
+    }
+}
+
+#[test]
+fn systemd_unit_verifies_and_its_exposure_is_the_readmes() {
+    let analyze = support::require("systemd-analyze", "the Debian package systemd");
+    let dir = support::short_tempdir();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/ecr-pull-proxy.service"
+    ))
+    .unwrap();
+    for needle in [
+        "Type=notify",
+        "RestartPreventExitStatus=64",
+        "Restart=always",
+        "Before=kubelet.service k3s.service k3s-agent.service",
+        "After=containerd.service",
+        "RuntimeDirectory=ecr-pull-proxy",
+    ] {
+        assert!(unit.contains(needle), "unit should have {needle}");
+    }
+    // `verify` checks that ExecStart exists: point it at the built binary.
+    let unit = unit.replace(
+        "ExecStart=/usr/bin/ecr-pull-proxy",
+        &format!("ExecStart={}", env!("CARGO_BIN_EXE_ecr-pull-proxy")),
+    );
+    let path = dir.path().join("ecr-pull-proxy.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new(&analyze)
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "systemd-analyze verify: {text}");
+    assert!(
+        !text.contains("ecr-pull-proxy.service:"),
+        "warnings about the unit: {text}"
+    );
+
+    let out = Command::new(&analyze)
+        .args(["security", "--offline=true"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let score = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for ecr-pull-proxy.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no exposure level in: {text}"))
+        .to_owned();
+    assert!(
+        readme().contains(&format!("rates it {score} ")),
+        "README should state the exposure level {score}"
+    );
+}
