@@ -32,6 +32,8 @@ pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Info;
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 /// What to do with a pull that already carries credentials.
 pub const DEFAULT_EXISTING_CREDENTIALS: ExistingCredentials = ExistingCredentials::Fallback;
+/// Whether `public.ecr.aws` pulls get an ECR Public token.
+pub const DEFAULT_ECR_PUBLIC: bool = false;
 /// Largest gRPC message read (a PullImage request); kubelet's own limit.
 pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Name of the provider taken from a kubelet `CredentialProviderConfig`.
@@ -52,6 +54,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "default_patterns",
     "credential_provider_config",
     "aws_timeout",
+    "ecr_public",
     "registries",
     "registries.patterns",
     "registries.registry",
@@ -149,6 +152,7 @@ struct FileConfig {
     credential_provider_config: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     aws_timeout: Option<Duration>,
+    ecr_public: Option<bool>,
     #[serde(default)]
     registries: Vec<FileRegistry>,
 }
@@ -198,6 +202,8 @@ pub struct CredentialsConfig {
     /// Upper bound on how long a token is cached (kubelet's
     /// `defaultCacheDuration`, when imported).
     pub max_token_age: Option<Duration>,
+    /// Whether `public.ecr.aws` pulls get an ECR Public token.
+    pub ecr_public: bool,
 }
 
 /// The validated configuration.
@@ -357,6 +363,7 @@ impl Config {
                     .unwrap_or(DEFAULT_EXISTING_CREDENTIALS),
                 aws_timeout,
                 max_token_age,
+                ecr_public: file.ecr_public.unwrap_or(DEFAULT_ECR_PUBLIC),
             },
             source,
         })

@@ -7,7 +7,7 @@
 use std::fmt;
 
 use crate::config::{CredentialsConfig, ExistingCredentials};
-use crate::ecr::{CacheOutcome, EcrHost, SourceError, TokenCache, TokenKey};
+use crate::ecr::{CacheOutcome, EcrHost, SourceError, TokenCache, TokenKey, ECR_PUBLIC_HOST};
 use crate::image_ref::ImageRef;
 use crate::pull::Credentials;
 
@@ -16,12 +16,13 @@ use crate::pull::Credentials;
 pub struct Target {
     /// The image's own registry host (with port), as the caller wrote it.
     pub image_host: String,
-    /// The ECR registry whose token is used.
-    pub registry: EcrHost,
-    /// The cache key.
+    /// The cache key (its region is the one asked).
     pub key: TokenKey,
     /// The pattern that matched.
     pub pattern: String,
+    /// When no token can be had, pull anonymously instead of failing (ECR
+    /// Public serves anonymous pulls, with lower rate limits).
+    pub anonymous_on_failure: bool,
 }
 
 impl fmt::Debug for Target {
@@ -72,11 +73,19 @@ impl Resolver {
             if let Some(p) = rule.patterns.iter().find(|p| p.matches(&r.domain, &path)) {
                 return Some(Target {
                     image_host: r.domain.clone(),
-                    registry: rule.registry.clone(),
                     key: TokenKey::for_host(&rule.registry, rule.role.clone()),
                     pattern: p.as_str().to_owned(),
+                    anonymous_on_failure: false,
                 });
             }
+        }
+        if self.config.ecr_public && r.domain == ECR_PUBLIC_HOST {
+            return Some(Target {
+                image_host: r.domain.clone(),
+                key: TokenKey::public(),
+                pattern: ECR_PUBLIC_HOST.to_owned(),
+                anonymous_on_failure: true,
+            });
         }
         let p = self
             .config
@@ -89,8 +98,8 @@ impl Resolver {
         Some(Target {
             image_host: r.domain.clone(),
             key: TokenKey::for_host(&host, None),
-            registry: host,
             pattern: p.as_str().to_owned(),
+            anonymous_on_failure: false,
         })
     }
 
@@ -177,12 +186,27 @@ mod tests {
     }
 
     #[test]
+    fn ecr_public_matches_only_when_enabled_and_may_go_anonymous() {
+        assert!(resolver("").target("public.ecr.aws/team/app:v1").is_none());
+        let r = resolver("ecr_public = true");
+        let t = r.target("public.ecr.aws/team/app:v1").unwrap();
+        assert_eq!(t.key, TokenKey::public());
+        assert!(t.anonymous_on_failure);
+        assert!(r.target("public.ecr.aws.evil.example/team/app").is_none());
+        assert!(r.target("public.ecr.aws:8443/team/app").is_none());
+        let private = r
+            .target("123456789012.dkr.ecr.us-east-1.amazonaws.com/app")
+            .unwrap();
+        assert!(!private.anonymous_on_failure);
+    }
+
+    #[test]
     fn registries_entries_map_mirrors_to_ecr_and_come_first() {
         let r = resolver(
             "default_patterns = false\n[[registries]]\npatterns = [\"mirror.internal:5000/team\"]\nregistry = \"210987654321.dkr.ecr.eu-west-1.amazonaws.com\"\nrole_arn = \"arn:aws:iam::210987654321:role/pull\"",
         );
         let t = r.target("mirror.internal:5000/team/app:v1").unwrap();
-        assert_eq!(t.registry.region, "eu-west-1");
+        assert_eq!(t.key.region, "eu-west-1");
         assert_eq!(
             t.key.role.as_ref().unwrap().arn,
             "arn:aws:iam::210987654321:role/pull"

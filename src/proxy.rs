@@ -413,9 +413,23 @@ impl Proxy {
                 let err = ProxyError::Credentials {
                     image: image.to_owned(),
                     registry: target.image_host.clone(),
-                    region: target.registry.region.clone(),
+                    region: target.key.region.clone(),
                     source,
                 };
+                if target.anonymous_on_failure {
+                    tracing::warn!(
+                        image = %image,
+                        registry = %target.image_host,
+                        error = %error_chain(&err),
+                        "no token; pulling anonymously"
+                    );
+                    let record =
+                        PullRecord::new(image, Some(target), CredentialSourceKind::None, None);
+                    return (
+                        self.send_bytes(parts, pull::frame(message), None).await,
+                        Some(record),
+                    );
+                }
                 tracing::warn!(
                     image = %image,
                     registry = %target.image_host,

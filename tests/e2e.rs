@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use ecr_pull_proxy::cri::{self, image_service_client::ImageServiceClient};
+use support::fake_ecr_public::FakeEcrPublic;
 use support::real::{Containerd, Moto, Registry, MOTO_PASSWORD, MOTO_TOKEN_B64};
 use support::{ProxyOptions, ProxyProcess};
 use tonic::transport::Channel;
@@ -478,4 +479,48 @@ async fn instance_metadata_that_never_answers_fails_within_the_timeout() {
         "backoff should answer at once"
     );
     drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ecr_public_gets_a_token_when_enabled_and_goes_anonymous_without_one() {
+    let public = "public.ecr.aws";
+    let s = Stack::with_password(&[public], "public-pass-7d1");
+    s.registry.push_image("team/app", &["v1"]);
+    let image = format!("{public}/team/app:v1");
+    let fake = FakeEcrPublic::start("public-pass-7d1");
+    let env = |s: &Stack| {
+        let mut env = s.moto.env();
+        env.push(("AWS_ENDPOINT_URL_ECR_PUBLIC", fake.endpoint.clone()));
+        env
+    };
+
+    // Off by default: forwarded as it is, and the registry refuses.
+    let off = s.proxy_with_env("off", "", env(&s));
+    assert_refused(pull(off.channel(), &image, None).await);
+    assert_eq!(fake.calls(), 0);
+
+    let on = s.proxy_with_env("on", "ecr_public = true", env(&s));
+    pull(on.channel(), &image, None)
+        .await
+        .expect("pull with an ECR Public token");
+    assert_eq!(fake.calls(), 1);
+    assert_no_secrets(&on.logs());
+
+    // No token to be had: the pull goes on anonymously, and containerd's own
+    // answer (here the registry's refusal) reaches the caller.
+    remove(s.direct(), &image).await;
+    fake.fail();
+    let failing = s.proxy_with_env("failing", "ecr_public = true", env(&s));
+    let err = assert_refused(pull(failing.channel(), &image, None).await);
+    assert!(
+        !err.message().contains("ecr-pull-proxy"),
+        "{}",
+        err.message()
+    );
+    assert!(fake.calls() >= 2);
+    assert!(
+        failing.logs().contains("pulling anonymously"),
+        "{}",
+        failing.logs()
+    );
 }

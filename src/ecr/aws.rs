@@ -13,7 +13,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use base64::Engine;
 use futures_util::future::BoxFuture;
 
-use super::{CredentialSource, ErrorKind, SourceError, Token, TokenKey};
+use super::{CredentialSource, EcrService, ErrorKind, SourceError, Token, TokenKey};
 use crate::pull::Credentials;
 
 /// Pinned so that an SDK upgrade cannot change retry or timeout defaults
@@ -42,11 +42,18 @@ fn timeout_config(timeout: Duration) -> TimeoutConfig {
         .build()
 }
 
-type Clients = Arc<Mutex<HashMap<TokenKey, aws_sdk_ecr::Client>>>;
+/// A client for the service a key names.
+#[derive(Clone)]
+enum Client {
+    Private(aws_sdk_ecr::Client),
+    Public(aws_sdk_ecrpublic::Client),
+}
 
-/// ECR through the AWS SDK. The shared configuration is loaded on the first
-/// fetch (so start-up never waits on instance metadata), and one client per
-/// token key is built on first use.
+type Clients = Arc<Mutex<HashMap<TokenKey, Client>>>;
+
+/// ECR (and ECR Public) through the AWS SDK. The shared configuration is
+/// loaded on the first fetch (so start-up never waits on instance metadata),
+/// and one client per token key is built on first use.
 pub struct AwsSource {
     base: Arc<tokio::sync::OnceCell<SdkConfig>>,
     timeout: Duration,
@@ -68,33 +75,87 @@ impl AwsSource {
         timeout: Duration,
         clients: &Clients,
         key: &TokenKey,
-    ) -> aws_sdk_ecr::Client {
+    ) -> Client {
         if let Some(c) = clients.lock().expect("clients lock").get(key) {
             return c.clone();
         }
         let base = base.get_or_init(|| load_sdk_config(timeout)).await;
         let region = Region::new(key.region.clone());
-        let mut conf = aws_sdk_ecr::config::Builder::from(base)
-            .region(region.clone())
-            .use_fips(key.variant.fips)
-            .use_dual_stack(key.variant.dual_stack)
-            .timeout_config(timeout_config(timeout));
-        if let Some(role) = &key.role {
-            let mut builder = aws_config::sts::AssumeRoleProvider::builder(role.arn.clone())
-                .session_name(ROLE_SESSION_NAME)
-                .region(region)
-                .configure(base);
-            if let Some(id) = &role.external_id {
-                builder = builder.external_id(id.clone());
+        let role = match &key.role {
+            Some(role) => {
+                let mut builder = aws_config::sts::AssumeRoleProvider::builder(role.arn.clone())
+                    .session_name(ROLE_SESSION_NAME)
+                    .region(region.clone())
+                    .configure(base);
+                if let Some(id) = &role.external_id {
+                    builder = builder.external_id(id.clone());
+                }
+                Some(builder.build().await)
             }
-            conf = conf.credentials_provider(builder.build().await);
-        }
-        let client = aws_sdk_ecr::Client::from_conf(conf.build());
+            None => None,
+        };
+        let client = match key.service {
+            EcrService::Private => {
+                let mut conf = aws_sdk_ecr::config::Builder::from(base)
+                    .region(region)
+                    .use_fips(key.variant.fips)
+                    .use_dual_stack(key.variant.dual_stack)
+                    .timeout_config(timeout_config(timeout));
+                if let Some(role) = role {
+                    conf = conf.credentials_provider(role);
+                }
+                Client::Private(aws_sdk_ecr::Client::from_conf(conf.build()))
+            }
+            EcrService::Public => {
+                let mut conf = aws_sdk_ecrpublic::config::Builder::from(base)
+                    .region(region)
+                    .timeout_config(timeout_config(timeout));
+                if let Some(role) = role {
+                    conf = conf.credentials_provider(role);
+                }
+                Client::Public(aws_sdk_ecrpublic::Client::from_conf(conf.build()))
+            }
+        };
         clients
             .lock()
             .expect("clients lock")
             .insert(key.clone(), client.clone());
         client
+    }
+
+    /// One `GetAuthorizationToken` call: the token and its expiry.
+    async fn call(
+        client: Client,
+    ) -> Result<(String, Option<aws_smithy_types::DateTime>), SourceError> {
+        let missing = || {
+            SourceError::new(
+                ErrorKind::BadToken,
+                None,
+                "GetAuthorizationToken returned no token",
+            )
+        };
+        match client {
+            Client::Private(c) => {
+                let out = c
+                    .get_authorization_token()
+                    .send()
+                    .await
+                    .map_err(|e| classify(&e))?;
+                let data = out.authorization_data().first().ok_or_else(missing)?;
+                let token = data.authorization_token().ok_or_else(missing)?;
+                Ok((token.to_owned(), data.expires_at().copied()))
+            }
+            Client::Public(c) => {
+                let out = c
+                    .get_authorization_token()
+                    .send()
+                    .await
+                    .map_err(|e| classify(&e))?;
+                let data = out.authorization_data().ok_or_else(missing)?;
+                let token = data.authorization_token().ok_or_else(missing)?;
+                Ok((token.to_owned(), data.expires_at().copied()))
+            }
+        }
     }
 }
 
@@ -109,14 +170,13 @@ impl CredentialSource for AwsSource {
         Box::pin(async move {
             let call = async {
                 let client = Self::client(&base, timeout, &clients, &key).await;
-                client.get_authorization_token().send().await
+                Self::call(client).await
             };
             // The SDK's operation timeout covers the call; this one also
             // covers credential resolution (an instance-metadata endpoint
             // that never answers), so a pull never waits longer.
-            let output = match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(out)) => out,
-                Ok(Err(e)) => return Err(classify(&e)),
+            let (token, expires_at) = match tokio::time::timeout(timeout, call).await {
+                Ok(result) => result?,
                 Err(_) => {
                     return Err(SourceError::new(
                         ErrorKind::Timeout,
@@ -128,24 +188,9 @@ impl CredentialSource for AwsSource {
                     ))
                 }
             };
-            let data = output.authorization_data().first().ok_or_else(|| {
-                SourceError::new(
-                    ErrorKind::BadToken,
-                    None,
-                    "GetAuthorizationToken returned no authorization data",
-                )
-            })?;
-            let token = data.authorization_token().ok_or_else(|| {
-                SourceError::new(
-                    ErrorKind::BadToken,
-                    None,
-                    "GetAuthorizationToken returned no token",
-                )
-            })?;
-            let credentials = decode_token(token)?;
-            let expires_at = data
-                .expires_at()
-                .and_then(|t| SystemTime::try_from(*t).ok())
+            let credentials = decode_token(&token)?;
+            let expires_at = expires_at
+                .and_then(|t| SystemTime::try_from(t).ok())
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             Ok(Token {
                 credentials,
@@ -200,12 +245,10 @@ const THROTTLING_CODES: &[&str] = &[
     "RequestLimitExceeded",
 ];
 
-type EcrError = SdkError<
-    aws_sdk_ecr::operation::get_authorization_token::GetAuthorizationTokenError,
-    aws_smithy_runtime_api::http::Response,
->;
-
-fn classify(err: &EcrError) -> SourceError {
+fn classify<E>(err: &SdkError<E, aws_smithy_runtime_api::http::Response>) -> SourceError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
     let message = crate::error_chain(err);
     // A credential chain that found nothing, or an AssumeRole that failed,
     // surfaces as a CredentialsError somewhere in the chain.

@@ -363,6 +363,7 @@ mod tests {
 
     fn key() -> TokenKey {
         TokenKey {
+            service: crate::ecr::EcrService::Private,
             partition: "aws",
             region: "us-east-1".into(),
             variant: EndpointVariant::default(),

@@ -16,10 +16,26 @@ pub use host::{EcrHost, EndpointVariant};
 use crate::config::Role;
 use crate::pull::Credentials;
 
+/// The ECR Public registry host.
+pub const ECR_PUBLIC_HOST: &str = "public.ecr.aws";
+/// ECR Public issues its tokens in this region only.
+pub const ECR_PUBLIC_REGION: &str = "us-east-1";
+
+/// Which ECR service issues a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EcrService {
+    /// Amazon ECR private registries.
+    Private,
+    /// Amazon ECR Public (`public.ecr.aws`).
+    Public,
+}
+
 /// What one token serves: ECR tokens are per (partition, region, identity),
 /// so every account's registry in that region shares one.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TokenKey {
+    /// Private ECR or ECR Public.
+    pub service: EcrService,
     /// AWS partition.
     pub partition: &'static str,
     /// AWS region.
@@ -34,6 +50,7 @@ impl TokenKey {
     /// The key for a registry host, with an optional role.
     pub fn for_host(host: &EcrHost, role: Option<Role>) -> Self {
         TokenKey {
+            service: EcrService::Private,
             partition: host.partition,
             region: host.region.clone(),
             variant: host.variant,
@@ -42,9 +59,25 @@ impl TokenKey {
     }
 }
 
+impl TokenKey {
+    /// The key for ECR Public tokens.
+    pub fn public() -> Self {
+        TokenKey {
+            service: EcrService::Public,
+            partition: "aws",
+            region: ECR_PUBLIC_REGION.to_owned(),
+            variant: EndpointVariant::default(),
+            role: None,
+        }
+    }
+}
+
 // The external ID is a shared secret between accounts; it is never printed.
 impl fmt::Display for TokenKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.service == EcrService::Public {
+            f.write_str("ecr-public/")?;
+        }
         write!(f, "{}/{}/{}", self.partition, self.region, self.variant)?;
         if let Some(role) = &self.role {
             write!(f, " as {}", role.arn)?;

@@ -4,6 +4,7 @@
 //! install it; nothing is ever skipped.
 #![allow(dead_code)]
 
+pub mod fake_ecr_public;
 pub mod raw;
 pub mod real;
 pub mod scripted;
