@@ -427,3 +427,60 @@ async fn garbage_and_http1_close_only_that_connection() {
     );
     assert!(!logs.contains("panicked"), "{logs}");
 }
+
+#[tokio::test]
+async fn pull_image_over_the_limit_is_resource_exhausted_and_never_forwarded() {
+    let s = setup().await;
+    let mut msg = message_with_unknown_field("PullImage").to_vec();
+    // Pad with an unknown bytes field to just over 16 MiB.
+    let pad = 16 * 1024 * 1024 + 1 - msg.len();
+    msg.extend_from_slice(&[0xa2, 0x06]);
+    let mut len = pad as u64;
+    while len >= 0x80 {
+        msg.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    msg.push(len as u8);
+    msg.extend(std::iter::repeat_n(0u8, pad));
+    let err = raw::unary_unlimited(
+        s.proxy.channel(),
+        "/runtime.v1.ImageService/PullImage",
+        Request::new(msg.into()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("16777216"), "{}", err.message());
+    assert!(s.upstream.calls().is_empty());
+    // And the daemon keeps serving.
+    raw::unary(
+        s.proxy.channel(),
+        "/runtime.v1.ImageService/ImageFsInfo",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn malformed_pull_image_is_forwarded_unchanged() {
+    let s = setup().await;
+    let cases: [&[u8]; 4] = [
+        b"\xff\xff\xff",         // truncated varint
+        b"\x0a\x05abc",          // length past the end
+        b"\x0b\x0c",             // group wire type
+        b"\x0a\x03\x0a\x01\xff", // image name not UTF-8
+    ];
+    for msg in cases {
+        let msg = Bytes::from_static(msg);
+        let resp = raw::unary(
+            s.proxy.channel(),
+            "/runtime.v1.ImageService/PullImage",
+            Request::new(msg.clone()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.get_ref(), &msg);
+        assert_eq!(s.upstream.last().body, frame(&msg));
+    }
+}

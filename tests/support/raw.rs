@@ -52,6 +52,27 @@ fn grpc(channel: Channel) -> tonic::client::Grpc<Channel> {
         .max_encoding_message_size(super::MAX_MESSAGE)
 }
 
+/// A unary call with raw bytes and no client-side size limit, to send what
+/// kubelet never would.
+pub async fn unary_unlimited(
+    channel: Channel,
+    path: &str,
+    req: Request<Bytes>,
+) -> Result<Response<Bytes>, Status> {
+    let mut g = tonic::client::Grpc::new(channel)
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
+    g.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    g.unary(
+        req,
+        PathAndQuery::try_from(path.to_owned()).unwrap(),
+        RawCodec,
+    )
+    .await
+}
+
 /// A unary call with raw bytes.
 pub async fn unary(
     channel: Channel,
