@@ -6,157 +6,11 @@ mod support;
 
 use std::time::Duration;
 
-use ecr_pull_proxy::cri::{self, image_service_client::ImageServiceClient};
-use support::fake_ecr_public::FakeEcrPublic;
-use support::real::{Containerd, Moto, Registry, MOTO_PASSWORD, MOTO_TOKEN_B64};
-use support::{ProxyOptions, ProxyProcess};
-use tonic::transport::Channel;
-use tonic::{Code, Status};
-
-const ECR_HOST: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
-const LOOK_ALIKE: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com.evil.example";
-const CALLER_PASSWORD: &str = "caller-wrong-password-5f3a";
-
-struct Stack {
-    dir: tempfile::TempDir,
-    registry: Registry,
-    containerd: Containerd,
-    moto: Moto,
-}
-
-impl Stack {
-    /// containerd + registry + moto; every host in `hosts` (and the
-    /// registry's own address) is served by the registry.
-    fn start(hosts: &[&str]) -> Stack {
-        Self::with_password(hosts, MOTO_PASSWORD)
-    }
-
-    /// As `start`, with a registry that accepts `AWS`/`password`.
-    fn with_password(hosts: &[&str], password: &str) -> Stack {
-        let dir = support::short_tempdir();
-        let moto = Moto::start(dir.path());
-        let registry = Registry::start(dir.path(), "AWS", password);
-        let mut mirrors: Vec<(&str, &str)> =
-            hosts.iter().map(|h| (*h, registry.addr.as_str())).collect();
-        mirrors.push((registry.addr.as_str(), registry.addr.as_str()));
-        let containerd = Containerd::start(dir.path(), &mirrors);
-        Stack {
-            dir,
-            registry,
-            containerd,
-            moto,
-        }
-    }
-
-    fn proxy(&self, name: &str, config: &str) -> ProxyProcess {
-        self.proxy_with_env(name, config, self.moto.env())
-    }
-
-    fn proxy_with_env(
-        &self,
-        name: &str,
-        config: &str,
-        env: Vec<(&'static str, String)>,
-    ) -> ProxyProcess {
-        let pdir = self.dir.path().join(name);
-        std::fs::create_dir_all(&pdir).unwrap();
-        ProxyProcess::start(
-            &pdir,
-            &self.containerd.socket,
-            ProxyOptions {
-                config: Some(config),
-                env,
-                ..Default::default()
-            },
-        )
-    }
-
-    fn direct(&self) -> Channel {
-        support::channel(&self.containerd.socket)
-    }
-}
-
-fn client(channel: Channel) -> ImageServiceClient<Channel> {
-    ImageServiceClient::new(channel).max_decoding_message_size(support::MAX_MESSAGE)
-}
-
-async fn pull(
-    channel: Channel,
-    image: &str,
-    auth: Option<cri::AuthConfig>,
-) -> Result<String, Status> {
-    let req = cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        auth,
-        sandbox_config: Some(cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: "pod".into(),
-                uid: "uid".into(),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            ..Default::default()
-        }),
-    };
-    client(channel)
-        .pull_image(req)
-        .await
-        .map(|r| r.into_inner().image_ref)
-}
-
-async fn remove(channel: Channel, image: &str) {
-    let spec = cri::ImageSpec {
-        image: image.into(),
-        ..Default::default()
-    };
-    client(channel)
-        .remove_image(cri::RemoveImageRequest { image: Some(spec) })
-        .await
-        .unwrap();
-}
-
-fn creds(user: &str, password: &str) -> Option<cri::AuthConfig> {
-    Some(cri::AuthConfig {
-        username: user.into(),
-        password: password.into(),
-        ..Default::default()
-    })
-}
-
-fn assert_refused(result: Result<String, Status>) -> Status {
-    let err = result.expect_err("pull should be refused");
-    assert_eq!(err.code(), Code::Unknown, "{err:?}");
-    assert!(
-        err.message().contains("401 Unauthorized"),
-        "{}",
-        err.message()
-    );
-    err
-}
-
-fn assert_no_secrets(logs: &str) {
-    use base64::Engine;
-    let caller_b64 =
-        base64::engine::general_purpose::STANDARD.encode(format!("AWS:{CALLER_PASSWORD}"));
-    for secret in [
-        MOTO_PASSWORD,
-        MOTO_TOKEN_B64,
-        CALLER_PASSWORD,
-        caller_b64.as_str(),
-    ] {
-        assert!(
-            !logs.contains(secret),
-            "proxy log contains a secret ({secret})"
-        );
-    }
-    assert!(
-        logs.contains("TRACE") || logs.contains("DEBUG"),
-        "logs were not at the most verbose level"
-    );
-}
+use ecr_pull_proxy::cri;
+use support::fake_ecr::FakeEcr;
+use support::real::MOTO_PASSWORD;
+use support::stack::*;
+use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_without_credentials_for_ecr_image_gets_token() {
@@ -487,7 +341,7 @@ async fn ecr_public_gets_a_token_when_enabled_and_goes_anonymous_without_one() {
     let s = Stack::with_password(&[public], "public-pass-7d1");
     s.registry.push_image("team/app", &["v1"]);
     let image = format!("{public}/team/app:v1");
-    let fake = FakeEcrPublic::start("public-pass-7d1");
+    let fake = FakeEcr::start("public-pass-7d1");
     let env = |s: &Stack| {
         let mut env = s.moto.env();
         env.push(("AWS_ENDPOINT_URL_ECR_PUBLIC", fake.endpoint.clone()));

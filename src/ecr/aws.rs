@@ -31,9 +31,28 @@ pub const ROLE_SESSION_NAME: &str = "ecr-pull-proxy";
 pub async fn load_sdk_config(timeout: Duration) -> SdkConfig {
     aws_config::defaults(behavior_version())
         .timeout_config(timeout_config(timeout))
+        .retry_config(retry_config())
         .load()
         .await
 }
+
+/// Standard retries (3 attempts, with jitter), starting at 200 ms instead of
+/// the SDK's 1 s: the token cache already backs off between failed fetches,
+/// and quick attempts let the real cause (a refused connection, a throttle)
+/// surface inside `aws_timeout` instead of a bare timeout.
+fn retry_config() -> aws_config::retry::RetryConfig {
+    aws_config::retry::RetryConfig::standard()
+        .with_max_attempts(RETRY_MAX_ATTEMPTS)
+        .with_initial_backoff(RETRY_INITIAL_BACKOFF)
+        .with_max_backoff(RETRY_MAX_BACKOFF)
+}
+
+/// Attempts per AWS call, the SDK's standard number.
+pub const RETRY_MAX_ATTEMPTS: u32 = 3;
+/// First retry delay.
+pub const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest retry delay.
+pub const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 fn timeout_config(timeout: Duration) -> TimeoutConfig {
     TimeoutConfig::builder()
@@ -97,6 +116,7 @@ impl AwsSource {
         let client = match key.service {
             EcrService::Private => {
                 let mut conf = aws_sdk_ecr::config::Builder::from(base)
+                    .retry_config(retry_config())
                     .region(region)
                     .use_fips(key.variant.fips)
                     .use_dual_stack(key.variant.dual_stack)
@@ -108,6 +128,7 @@ impl AwsSource {
             }
             EcrService::Public => {
                 let mut conf = aws_sdk_ecrpublic::config::Builder::from(base)
+                    .retry_config(retry_config())
                     .region(region)
                     .timeout_config(timeout_config(timeout));
                 if let Some(role) = role {
@@ -282,6 +303,9 @@ where
                 _ if status >= 500 => ErrorKind::Network,
                 _ => ErrorKind::Other,
             };
+            // Without an AWS error code, the HTTP status is the best name
+            // for the cause (a bare 429 from a proxy or a load balancer).
+            let code = code.or_else(|| Some(format!("HTTP {status}")));
             SourceError::new(kind, code, message)
         }
         SdkError::TimeoutError(_) => SourceError::new(ErrorKind::Timeout, None, message),

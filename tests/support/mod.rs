@@ -4,10 +4,11 @@
 //! install it; nothing is ever skipped.
 #![allow(dead_code)]
 
-pub mod fake_ecr_public;
+pub mod fake_ecr;
 pub mod raw;
 pub mod real;
 pub mod scripted;
+pub mod stack;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

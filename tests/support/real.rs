@@ -178,15 +178,28 @@ impl Registry {
     /// Pushes a one-layer image as `repo:tag` for each tag; returns the
     /// manifest digest.
     pub fn push_image(&self, repo: &str, tags: &[&str]) -> String {
+        self.push_image_sized(repo, tags, 0)
+    }
+
+    /// As [`Registry::push_image`], with `extra` more bytes in the layer.
+    pub fn push_image_sized(&self, repo: &str, tags: &[&str], extra: usize) -> String {
         let mut tarball = tar::Builder::new(Vec::new());
-        let content = format!("hello from {repo}\n");
+        let mut content = format!("hello from {repo}\n").into_bytes();
+        // Pseudo-random, so that nothing along the way can compress it away.
+        let mut x: u32 = 2_463_534_242;
+        content.extend((0..extra).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        }));
         let mut header = tar::Header::new_ustar();
         header.set_size(content.len() as u64);
         header.set_mode(0o644);
         header.set_mtime(0);
         header.set_cksum();
         tarball
-            .append_data(&mut header, "hello.txt", content.as_bytes())
+            .append_data(&mut header, "hello.txt", &content[..])
             .unwrap();
         let layer = tarball.into_inner().unwrap();
         let layer_digest = self.put_blob(repo, &layer);
@@ -467,5 +480,85 @@ impl Moto {
 impl Drop for Moto {
     fn drop(&mut self) {
         kill(&mut self.child);
+    }
+}
+
+// === stalling relay ===
+
+/// A TCP relay in front of a registry that can freeze answers mid-transfer:
+/// while stalled, every connection stops forwarding the server's bytes after
+/// the first [`Relay::STALL_AFTER`] of them (manifests pass, layers freeze).
+pub struct Relay {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Relay {
+    /// Bytes of an answer that pass before a stall.
+    pub const STALL_AFTER: usize = 64 * 1024;
+
+    /// Relays to `target`.
+    pub fn start(target: &str) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stall = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicUsize::new(0));
+        let (target, st, sd) = (target.to_owned(), stall.clone(), stalled.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_in, mut c_out, st, sd) = (server, client, st.clone(), sd.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    let mut sent = 0usize;
+                    let mut counted = false;
+                    loop {
+                        while st.load(Ordering::SeqCst) && sent >= Relay::STALL_AFTER {
+                            if !counted {
+                                counted = true;
+                                sd.fetch_add(1, Ordering::SeqCst);
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        let n = match s_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if c_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n;
+                    }
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Relay {
+            addr,
+            stall,
+            stalled,
+        }
+    }
+
+    /// Freezes (or releases) answers past the first bytes.
+    pub fn stall(&self, on: bool) {
+        self.stall.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many transfers are frozen, or were.
+    pub fn stalled(&self) -> usize {
+        self.stalled.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

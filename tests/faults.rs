@@ -1,0 +1,177 @@
+//! Faults provoked for real: containerd dying mid-pull, the ECR API slow,
+//! throttling, failing or unreachable. Each test asserts what the daemon does.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::fake_ecr::{Behaviour, FakeEcr};
+use support::real::{Containerd, Moto, Registry, Relay};
+use support::stack::*;
+use support::{ProxyOptions, ProxyProcess};
+use tonic::Code;
+
+const PASSWORD: &str = "fake-ecr-pass-91c";
+
+/// The stack's AWS environment, with ECR itself answered by `fake`.
+fn env_with(s: &Stack, endpoint: &str) -> Vec<(&'static str, String)> {
+    let mut env = s.moto.env();
+    env.push(("AWS_ENDPOINT_URL_ECR", endpoint.to_owned()));
+    env
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_token_keeps_pulls_working_while_ecr_misbehaves() {
+    let s = Stack::with_password(&[ECR_HOST], PASSWORD);
+    s.registry.push_image("app", &["v1"]);
+    let fake = FakeEcr::start(PASSWORD);
+    let proxy = s.proxy_with_env("p", "aws_timeout = \"2s\"", env_with(&s, &fake.endpoint));
+    let image = format!("{ECR_HOST}/app:v1");
+    pull(proxy.channel(), &image, None)
+        .await
+        .expect("first pull");
+    assert_eq!(fake.calls(), 1);
+    for b in [
+        Behaviour::Throttle400,
+        Behaviour::Throttle429,
+        Behaviour::ServerError,
+        Behaviour::Slow(20),
+    ] {
+        fake.set(b);
+        remove(s.direct(), &image).await;
+        let started = Instant::now();
+        pull(proxy.channel(), &image, None)
+            .await
+            .unwrap_or_else(|e| panic!("{b:?}: {e:?}"));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{b:?}: pull waited on AWS"
+        );
+    }
+    assert_eq!(fake.calls(), 1, "a fresh cached token needs no call");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_token_ecr_faults_fail_fast_naming_the_cause_and_calls_stay_bounded() {
+    let s = Stack::with_password(&[ECR_HOST], PASSWORD);
+    let image = format!("{ECR_HOST}/app:v1");
+    let cases: [(Behaviour, Code, &str); 4] = [
+        (
+            Behaviour::Throttle400,
+            Code::Unavailable,
+            "ThrottlingException",
+        ),
+        (Behaviour::Throttle429, Code::Unavailable, "429"),
+        (Behaviour::ServerError, Code::Unavailable, "ServerException"),
+        (
+            Behaviour::Slow(20),
+            Code::Unavailable,
+            "no answer within 2s",
+        ),
+    ];
+    for (i, (b, code, cause)) in cases.into_iter().enumerate() {
+        let fake = FakeEcr::start(PASSWORD);
+        fake.set(b);
+        let proxy = s.proxy_with_env(
+            &format!("p{i}"),
+            "aws_timeout = \"2s\"",
+            env_with(&s, &fake.endpoint),
+        );
+        let started = Instant::now();
+        let err = pull(proxy.channel(), &image, None).await.unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{b:?}: took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(err.code(), code, "{b:?}: {err:?}");
+        assert!(err.message().contains(cause), "{b:?}: {}", err.message());
+        assert!(
+            err.message().contains(&image) && err.message().contains("us-east-1"),
+            "{}",
+            err.message()
+        );
+
+        // Pull at kubelet's worst rate for 4 s: the calls to AWS back off.
+        let until = Instant::now() + Duration::from_secs(4);
+        let mut pulls = 0;
+        while Instant::now() < until {
+            let _ = pull(proxy.channel(), &image, None).await;
+            pulls += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Backoff 1, 2, 4 s: at most 4 operations in ~6 s, each at most 3
+        // attempts (the SDK's standard retries).
+        let calls = fake.calls();
+        assert!(calls <= 12, "{b:?}: {calls} calls to AWS for {pulls} pulls");
+        assert!(pulls >= 20, "{b:?}: only {pulls} pulls");
+    }
+
+    // An endpoint nobody listens on.
+    let proxy = s.proxy_with_env(
+        "closed",
+        "aws_timeout = \"2s\"",
+        env_with(&s, "http://127.0.0.1:1"),
+    );
+    let started = Instant::now();
+    let err = pull(proxy.channel(), &image, None).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("Connection refused"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_killed_mid_pull_fails_that_pull_and_the_next_succeeds() {
+    let dir = support::short_tempdir();
+    let moto = Moto::start(dir.path());
+    let registry = Registry::start(dir.path(), "AWS", support::real::MOTO_PASSWORD);
+    registry.push_image_sized("big", &["v1"], 1024 * 1024);
+    let relay = Relay::start(&registry.addr);
+    let mut containerd = Containerd::start(dir.path(), &[(ECR_HOST, relay.addr.as_str())]);
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &containerd.socket,
+        ProxyOptions {
+            env: moto.env(),
+            ..Default::default()
+        },
+    );
+    let pid = proxy.pid();
+    let image = format!("{ECR_HOST}/big:v1");
+
+    relay.stall(true);
+    let call = {
+        let (channel, image) = (proxy.channel(), image.clone());
+        tokio::spawn(async move { pull(channel, &image, None).await })
+    };
+    support::eventually(
+        Duration::from_secs(20),
+        "the layer download to stall",
+        || relay.stalled() > 0,
+    )
+    .await;
+    containerd.kill();
+    let err = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("pull answered")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains(containerd.socket.to_str().unwrap()),
+        "{}",
+        err.message()
+    );
+
+    relay.stall(false);
+    containerd.restart();
+    pull(proxy.channel(), &image, None)
+        .await
+        .expect("the next pull succeeds");
+    assert_eq!(proxy.pid(), pid, "no proxy restart");
+    assert_no_secrets(&proxy.logs());
+}
