@@ -29,6 +29,9 @@ pub enum ServerError {
     /// Another process answers on the socket.
     #[error("{} is in use by a running process (another ecr-pull-proxy?); stop it or choose another --listen path", .0.display())]
     AlreadyServing(PathBuf),
+    /// The socket's directory lets any user replace the socket.
+    #[error("{} is world-writable, so any local user could replace the socket; use a directory only root can write, such as /run/ecr-pull-proxy", .0.display())]
+    UnsafeDirectory(PathBuf),
     /// Something other than a socket is at the path.
     #[error("{} exists and is not a socket; remove it or choose another --listen path", .0.display())]
     NotASocket(PathBuf),
@@ -90,6 +93,12 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<Listening, Ser
                 .mode(SOCKET_DIR_MODE)
                 .create(dir)
                 .map_err(io_err("cannot create directory", dir))?;
+        }
+    }
+    if let Some(dir) = path.parent() {
+        let meta = std::fs::metadata(dir).map_err(io_err("cannot inspect", dir))?;
+        if meta.permissions().mode() & 0o002 != 0 {
+            return Err(ServerError::UnsafeDirectory(dir.to_owned()));
         }
     }
     match std::fs::symlink_metadata(path) {

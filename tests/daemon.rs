@@ -93,6 +93,22 @@ fn a_live_socket_or_a_file_is_never_taken_over() {
     assert!(out.contains("in use by a running process"), "{out}");
     assert!(live.exists());
 
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (code, out) = run_proxy_to_exit(
+        &[
+            "--listen",
+            open_dir.join("p.sock").to_str().unwrap(),
+            "--config",
+            "/dev/null",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("world-writable"), "{out}");
+    assert!(!open_dir.join("p.sock").exists());
+
     let file = dir.path().join("file");
     std::fs::write(&file, "keep me").unwrap();
     let (code, out) = run_proxy_to_exit(
@@ -151,6 +167,9 @@ fn config_mistakes_refuse_to_start_with_exit_64_naming_the_key() {
             &["registries[0].registry"],
         ),
         ("listen = [\n", &["config file"]),
+        ("listen = 5\n", &["listen", "invalid type"]),
+        ("[[registries]]\npatterns = [\"bad[\"]\nregistry = \"123456789012.dkr.ecr.us-east-1.amazonaws.com\"\n", &["registries[0].patterns[0]", "malformed glob"]),
+        ("aws_timeout = \"10 parsecs\"\n", &["aws_timeout"]),
     ];
     for (i, (text, needles)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
@@ -175,6 +194,27 @@ fn config_mistakes_refuse_to_start_with_exit_64_naming_the_key() {
         );
     }
     assert!(!std::path::Path::new("/tmp/epp-never.sock").exists());
+
+    // A config path that cannot be read, and a world-writable config file.
+    let world = dir.path().join("world.toml");
+    std::fs::write(&world, "").unwrap();
+    std::fs::set_permissions(&world, std::fs::Permissions::from_mode(0o666)).unwrap();
+    for (path, needle) in [
+        (dir.path().to_path_buf(), "cannot read"),
+        (world, "world-writable"),
+    ] {
+        let (code, out) = run_proxy_to_exit(
+            &["--config", path.to_str().unwrap()],
+            Duration::from_secs(10),
+        );
+        assert_eq!(code, Some(EXIT_USAGE), "{out}");
+        assert!(out.contains(needle), "{out}");
+        assert_eq!(
+            out.lines().filter(|l| !l.trim().is_empty()).count(),
+            1,
+            "one clear line: {out}"
+        );
+    }
 }
 
 #[test]

@@ -50,15 +50,39 @@ async fn pull_without_credentials_for_ecr_image_gets_token() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn look_alike_host_gets_no_credentials() {
-    let s = Stack::start(&[LOOK_ALIKE]);
+async fn look_alike_hosts_get_no_credentials() {
+    // Every host here is served by the same registry, so only the proxy's
+    // matching stands between these pulls and the node's ECR token.
+    let hosts = [
+        LOOK_ALIKE,
+        "x123456789012.dkr.ecr.us-east-1.amazonaws.com",
+        "1234567890123.dkr.ecr.us-east-1.amazonaws.com",
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com:5000",
+        "123456789012.dkr.ecr.us-east-1.evil.example",
+        "evil.example",
+    ];
+    let s = Stack::start(&hosts);
     s.registry.push_image("app", &["v1"]);
+    s.registry
+        .push_image("123456789012.dkr.ecr.us-east-1.amazonaws.com/app", &["v1"]);
     let proxy = s.proxy("p", "");
-    assert_refused(pull(proxy.channel(), &format!("{LOOK_ALIKE}/app:v1"), None).await);
-    assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 0);
+    let mut images: Vec<String> = hosts.iter().map(|h| format!("{h}/app:v1")).collect();
+    images.push("evil.example/123456789012.dkr.ecr.us-east-1.amazonaws.com/app:v1".into());
+    for image in &images {
+        assert_refused(pull(proxy.channel(), image, None).await);
+    }
+    assert_eq!(
+        s.moto
+            .requests()
+            .iter()
+            .filter(|(a, _, _)| a == "GetAuthorizationToken")
+            .count(),
+        0
+    );
     let logs = proxy.logs();
-    assert!(
-        logs.contains("credentials=\"none\"") && logs.contains("result=\"error\""),
+    assert_eq!(
+        logs.matches("credentials=\"none\"").count(),
+        images.len(),
         "{logs}"
     );
     assert_no_secrets(&logs);

@@ -484,3 +484,75 @@ async fn malformed_pull_image_is_forwarded_unchanged() {
         assert_eq!(s.upstream.last().body, frame(&msg));
     }
 }
+
+#[tokio::test]
+async fn client_leaving_mid_stream_cancels_the_upstream_stream() {
+    let s = setup().await;
+    let req = with_script(Bytes::new(), "trickle:1000");
+    let mut stream = raw::server_streaming(
+        s.proxy.channel(),
+        "/runtime.v1.ImageService/StreamImages",
+        req,
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    for i in 0..3 {
+        assert_eq!(
+            stream.message().await.unwrap().unwrap(),
+            format!("message-{i}").as_bytes()
+        );
+    }
+    drop(stream);
+    let seen = s.upstream.last();
+    support::eventually(Duration::from_secs(5), "upstream to see the cancel", || {
+        seen.cancelled.load(Ordering::SeqCst)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn calls_still_running_after_the_grace_period_are_cut_and_the_exit_is_clean() {
+    let dir = support::short_tempdir();
+    let upstream = ScriptedUpstream::start(&dir.path().join("up.sock")).await;
+    let mut proxy = ProxyProcess::start(
+        dir.path(),
+        &upstream.socket,
+        ProxyOptions {
+            config: Some("shutdown_grace = \"1s\""),
+            ..Default::default()
+        },
+    );
+    let call = tokio::spawn(raw::unary(
+        proxy.channel(),
+        "/runtime.v1.ImageService/PullImage",
+        with_script(Bytes::new(), "hang"),
+    ));
+    support::eventually(Duration::from_secs(5), "upstream to see the call", || {
+        !upstream.calls().is_empty()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = proxy.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", proxy.logs());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        call.await.unwrap().is_err(),
+        "the hanging call cannot have succeeded"
+    );
+    let seen = upstream.last();
+    support::eventually(Duration::from_secs(5), "upstream to see the cancel", || {
+        seen.cancelled.load(Ordering::SeqCst)
+    })
+    .await;
+    assert!(
+        proxy.logs().contains("grace period over"),
+        "{}",
+        proxy.logs()
+    );
+}

@@ -8,6 +8,7 @@
 //! - `error`: NOT_FOUND with a non-ASCII message and binary details;
 //! - `hang`: never answers (records whether the call was cancelled);
 //! - `delay:MS`: echo after MS milliseconds;
+//! - `trickle:N`: N messages, one every 20 ms (records a cancel mid-stream);
 //! - `refuse`: UNKNOWN with containerd's "401 Unauthorized" wording.
 
 use std::convert::Infallible;
@@ -242,6 +243,35 @@ impl Recorder {
                 respond(vec![], t)
             }
             "hang" => std::future::pending().await,
+            "trickle" => {
+                let n: usize = arg.parse().unwrap();
+                // The guard moves into the stream: dropping the response
+                // body before its end records the cancel.
+                let stream_guard = CancelGuard(guard.0.clone(), true);
+                let stream = futures_util::stream::unfold(
+                    (0usize, Some(stream_guard)),
+                    move |(i, mut guard)| async move {
+                        if i > n {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let frame = if i == n {
+                            if let Some(g) = guard.as_mut() {
+                                g.1 = false;
+                            }
+                            Frame::trailers(ok_trailers())
+                        } else {
+                            Frame::data(frame(format!("message-{i}").as_bytes()))
+                        };
+                        Some((Ok::<_, Infallible>(frame), (i + 1, guard)))
+                    },
+                );
+                guard.1 = false;
+                return http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(Body::new(StreamBody::new(stream)))
+                    .unwrap();
+            }
             "delay" => {
                 tokio::time::sleep(Duration::from_millis(arg.parse().unwrap())).await;
                 respond(vec![body], ok_trailers())
