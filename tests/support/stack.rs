@@ -51,6 +51,27 @@ impl Stack {
         self.proxy_with_env(name, config, self.moto.env())
     }
 
+    pub fn proxy_with_env_args(
+        &self,
+        name: &str,
+        config: &str,
+        env: Vec<(&'static str, String)>,
+        args: Vec<&'static str>,
+    ) -> ProxyProcess {
+        let pdir = self.dir.path().join(name);
+        std::fs::create_dir_all(&pdir).unwrap();
+        ProxyProcess::start(
+            &pdir,
+            &self.containerd.socket,
+            ProxyOptions {
+                config: Some(config),
+                env,
+                args,
+                ..Default::default()
+            },
+        )
+    }
+
     pub fn proxy_with_env(
         &self,
         name: &str,
