@@ -55,6 +55,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "credential_provider_config",
     "aws_timeout",
     "ecr_public",
+    "metrics_listen",
     "registries",
     "registries.patterns",
     "registries.registry",
@@ -85,6 +86,27 @@ pub struct Cli {
     /// Log format [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Serve /metrics, /healthz and /readyz on a TCP address (127.0.0.1:9464) or unix:PATH [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+}
+
+/// Where `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// A TCP address.
+    Tcp(std::net::SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsListen::Tcp(a) => write!(f, "{a}"),
+            MetricsListen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// Log verbosity.
@@ -153,6 +175,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     aws_timeout: Option<Duration>,
     ecr_public: Option<bool>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     registries: Vec<FileRegistry>,
 }
@@ -223,6 +246,8 @@ pub struct Config {
     pub log_level: LogLevel,
     /// Log format.
     pub log_format: LogFormat,
+    /// Where the metrics and health endpoints listen, if anywhere.
+    pub metrics_listen: Option<MetricsListen>,
     /// Credential injection settings.
     pub credentials: CredentialsConfig,
     /// The file this was read from, if any.
@@ -341,7 +366,15 @@ impl Config {
             registries.push(registry_rule(i, r)?);
         }
 
+        let metrics_listen = cli
+            .metrics_listen
+            .as_deref()
+            .or(file.metrics_listen.as_deref())
+            .map(parse_metrics_listen)
+            .transpose()?;
+
         Ok(Config {
+            metrics_listen,
             listen,
             upstream,
             socket_mode,
@@ -422,6 +455,19 @@ fn socket_path(key: &str, value: &str) -> Result<PathBuf, ConfigError> {
         ));
     }
     Ok(PathBuf::from(path))
+}
+
+fn parse_metrics_listen(value: &str) -> Result<MetricsListen, ConfigError> {
+    if let Some(path) = value.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        return socket_path("metrics_listen", path).map(MetricsListen::Unix);
+    }
+    value.parse().map(MetricsListen::Tcp).map_err(|_| {
+        invalid(
+            "metrics_listen",
+            format!("{value:?} is neither an address like \"127.0.0.1:9464\" nor \"unix:/run/ecr-pull-proxy/metrics.sock\""),
+        )
+    })
 }
 
 fn parse_mode(s: &str) -> Result<u32, ConfigError> {
@@ -712,6 +758,8 @@ mod tests {
             ("[[registries]]\npatterns = [\"m.example\"]\nregistry = \"123456789012.dkr.ecr.us-east-1.amazonaws.com\"\nrole = \"x\"", &["unknown field", "role"]),
             ("credential_provider_config = \"/nonexistent/cp.yaml\"", &["credential_provider_config", "cannot read"]),
             ("listen = ", &["config file"]),
+            ("metrics_listen = \"localhost\"", &["metrics_listen", "127.0.0.1:9464"]),
+            ("metrics_listen = \"unix:relative\"", &["metrics_listen", "absolute"]),
         ];
         for (text, needles) in cases {
             let e = err(text);
@@ -719,6 +767,21 @@ mod tests {
                 assert!(e.contains(n), "{text:?}: {e:?} should mention {n:?}");
             }
         }
+    }
+
+    #[test]
+    fn metrics_listen_takes_tcp_or_unix() {
+        let c = Config::from_toml("metrics_listen = \"127.0.0.1:9464\"", &cli()).unwrap();
+        assert_eq!(
+            c.metrics_listen,
+            Some(MetricsListen::Tcp("127.0.0.1:9464".parse().unwrap()))
+        );
+        let c = Config::from_toml("metrics_listen = \"unix:/run/m.sock\"", &cli()).unwrap();
+        assert_eq!(
+            c.metrics_listen,
+            Some(MetricsListen::Unix("/run/m.sock".into()))
+        );
+        assert_eq!(Config::from_toml("", &cli()).unwrap().metrics_listen, None);
     }
 
     #[test]

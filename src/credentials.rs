@@ -130,7 +130,10 @@ mod tests {
 
     fn resolver(toml: &str) -> Resolver {
         let config = Config::from_toml(toml, &Cli::parse_from(["x"])).unwrap();
-        Resolver::new(config.credentials, TokenCache::new(Arc::new(Never), None))
+        Resolver::new(
+            config.credentials,
+            TokenCache::new(Arc::new(Never), None, Arc::default()),
+        )
     }
 
     #[test]

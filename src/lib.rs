@@ -7,12 +7,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod credentials;
 pub mod ecr;
 pub mod image_ref;
 pub mod logging;
 pub mod matcher;
+pub mod metrics;
 pub mod proxy;
 pub mod pull;
 pub mod server;
@@ -52,6 +54,9 @@ pub enum RunError {
     /// The socket could not be set up.
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    /// The metrics endpoint could not be bound.
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers")]
     Signal(#[source] std::io::Error),
@@ -59,12 +64,21 @@ pub enum RunError {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(config: Config) -> Result<(), RunError> {
+    let metrics = Arc::new(metrics::Metrics::new());
     let source = Arc::new(ecr::aws::AwsSource::new(config.credentials.aws_timeout));
-    let cache = ecr::TokenCache::new(source, config.credentials.max_token_age);
+    let cache = ecr::TokenCache::new(source, config.credentials.max_token_age, metrics.clone());
     let resolver = credentials::Resolver::new(config.credentials.clone(), cache);
-    let proxy = proxy::Proxy::new(proxy::Upstream::new(&config.upstream), resolver);
+    let upstream = proxy::Upstream::new(&config.upstream, metrics.upstream_up.clone());
+    let proxy = proxy::Proxy::new(upstream, resolver, metrics.clone());
     let shutdown = signal::shutdown().map_err(RunError::Signal)?;
+    let admin = match &config.metrics_listen {
+        Some(addr) => Some(admin::bind(addr).await?),
+        None => None,
+    };
     let listening = server::bind(&config.listen, config.socket_mode, config.socket_group)?;
+    if let Some(admin) = admin {
+        tokio::spawn(admin::serve(admin, proxy.clone(), metrics.clone()));
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         listen = %config.listen.display(),
@@ -72,6 +86,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         existing_credentials = %config.credentials.existing_credentials,
         patterns = config.credentials.ecr_patterns.len(),
         registries = config.credentials.registries.len(),
+        metrics = %config.metrics_listen.as_ref().map(ToString::to_string).unwrap_or_else(|| "off".into()),
         "listening"
     );
     server::notify_ready();

@@ -24,6 +24,7 @@ use tonic::{Code, Status};
 use crate::config::{ExistingCredentials, MAX_MESSAGE_SIZE};
 use crate::credentials::{Resolver, Target};
 use crate::ecr::{CacheOutcome, ErrorKind, SourceError};
+use crate::metrics::{Metrics, PullLabels};
 use crate::pull::{self, GRPC_HEADER_LEN};
 
 /// The one method whose request is read.
@@ -132,15 +133,18 @@ pub struct Upstream {
     path: PathBuf,
     sender: Mutex<Option<SendRequest<ProxyBody>>>,
     dial: tokio::sync::Mutex<()>,
+    up: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Upstream {
-    /// An upstream at `path`; nothing is dialled yet.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    /// An upstream at `path`; nothing is dialled yet. `up` is set to 1
+    /// while a connection is established.
+    pub fn new(path: impl Into<PathBuf>, up: prometheus_client::metrics::gauge::Gauge) -> Self {
         Upstream {
             path: path.into(),
             sender: Mutex::new(None),
             dial: tokio::sync::Mutex::new(()),
+            up,
         }
     }
 
@@ -184,17 +188,20 @@ impl Upstream {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.unavailable(e.into()))?;
-        let path = self.path.clone();
+        let (path, up) = (self.path.clone(), self.up.clone());
+        up.set(1);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(upstream = %path.display(), error = &e as &dyn std::error::Error, "upstream connection closed");
             }
+            up.set(0);
         });
         tracing::debug!(upstream = %self.path.display(), "dialled upstream");
         Ok(sender)
     }
 
     fn unavailable(&self, source: BoxError) -> ProxyError {
+        self.up.set(0);
         ProxyError::Upstream {
             path: self.path.clone(),
             source,
@@ -256,13 +263,19 @@ pub struct Proxy {
 struct Inner {
     upstream: Upstream,
     resolver: Resolver,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    /// A proxy forwarding to `upstream`, adding credentials from `resolver`.
-    pub fn new(upstream: Upstream, resolver: Resolver) -> Self {
+    /// A proxy forwarding to `upstream`, adding credentials from
+    /// `resolver`, counting into `metrics`.
+    pub fn new(upstream: Upstream, resolver: Resolver, metrics: Arc<Metrics>) -> Self {
         Proxy {
-            inner: Arc::new(Inner { upstream, resolver }),
+            inner: Arc::new(Inner {
+                upstream,
+                resolver,
+                metrics,
+            }),
         }
     }
 
@@ -292,7 +305,7 @@ impl Proxy {
             };
             (response, None)
         };
-        observe(response, method, started, pull)
+        observe(response, method, started, pull, self.inner.metrics.clone())
     }
 
     async fn forward(
@@ -629,6 +642,7 @@ fn observe(
     method: Arc<str>,
     started: Instant,
     pull: Option<PullRecord>,
+    metrics: Arc<Metrics>,
 ) -> Response<ProxyBody> {
     let status = grpc_status_of(resp.headers()).map(str::to_owned);
     resp.map(|body| {
@@ -638,6 +652,7 @@ fn observe(
             started,
             status,
             pull,
+            metrics,
             done: false,
         }
         .boxed_unsync()
@@ -650,6 +665,7 @@ struct ObservedBody {
     started: Instant,
     status: Option<String>,
     pull: Option<PullRecord>,
+    metrics: Arc<Metrics>,
     done: bool,
 }
 
@@ -661,6 +677,9 @@ impl ObservedBody {
         self.done = true;
         let grpc_status = self.status.as_deref().unwrap_or("-");
         let elapsed = self.started.elapsed();
+        let cancelled = outcome == "cancelled";
+        self.metrics
+            .observe_call(&self.method, self.status.as_deref(), cancelled, elapsed);
         tracing::debug!(
             method = %self.method,
             grpc_status,
@@ -672,8 +691,23 @@ impl ObservedBody {
             let result = match (outcome, grpc_status) {
                 ("complete", "0") => "ok",
                 ("complete", _) => "error",
-                _ => outcome,
+                ("cancelled", _) => "cancelled",
+                _ => "error",
             };
+            // Only hosts that matched a configured pattern become label
+            // values, so a client cannot grow the label set at will.
+            let registry = match p.credentials {
+                CredentialSourceKind::None => "other".to_owned(),
+                _ => p.registry.clone(),
+            };
+            self.metrics
+                .pulls
+                .get_or_create(&PullLabels {
+                    registry,
+                    result,
+                    credentials: p.credentials.as_str(),
+                })
+                .inc();
             tracing::info!(
                 image = %p.image,
                 registry = %p.registry,

@@ -402,3 +402,123 @@ async fn ecr_public_gets_a_token_when_enabled_and_goes_anonymous_without_one() {
         failing.logs()
     );
 }
+
+fn scrape(addr: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = support::real::http(addr, "GET", path, &[], b"");
+    (status, String::from_utf8(body).unwrap())
+}
+
+/// The value of the first sample line starting with `prefix`.
+fn sample(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_and_health_follow_pulls_and_containerd() {
+    let mut s = Stack::start(&[ECR_HOST]);
+    s.registry.push_image("app", &["v1"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let proxy = s.proxy("p", &format!("metrics_listen = \"{addr}\""));
+    let image = format!("{ECR_HOST}/app:v1");
+
+    assert_eq!(scrape(&addr, "/healthz").0, 200);
+    assert_eq!(scrape(&addr, "/readyz").0, 200);
+    let (status, before) = scrape(&addr, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&before, "ecr_pull_proxy_upstream_up"),
+        Some(1.0),
+        "{before}"
+    );
+    assert_eq!(sample(&before, "ecr_pull_proxy_build_info"), Some(1.0));
+
+    pull(proxy.channel(), &image, None).await.unwrap();
+    remove(s.direct(), &image).await;
+    pull(proxy.channel(), &image, None).await.unwrap();
+    assert_refused(
+        pull(
+            proxy.channel(),
+            &format!("{}/app:v1", s.registry.addr),
+            None,
+        )
+        .await,
+    );
+
+    let (_, after) = scrape(&addr, "/metrics");
+    let pulls = format!("ecr_pull_proxy_pulls_total{{registry=\"{ECR_HOST}\",result=\"ok\",credentials=\"injected\"}}");
+    assert_eq!(sample(&after, &pulls), Some(2.0), "{after}");
+    assert_eq!(
+        sample(
+            &after,
+            "ecr_pull_proxy_pulls_total{registry=\"other\",result=\"error\",credentials=\"none\"}"
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "ecr_pull_proxy_token_cache_misses_total"),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "ecr_pull_proxy_token_cache_hits_total"),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "ecr_pull_proxy_aws_calls_total{api=\"ecr:GetAuthorizationToken\",code=\"ok\"}"
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "ecr_pull_proxy_calls_total{method=\"PullImage\",code=\"OK\"}"
+        ),
+        Some(2.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "ecr_pull_proxy_calls_total{method=\"PullImage\",code=\"Unknown\"}"
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    // moto's tokens arrive expired: the gauge says so.
+    let expiry = sample(&after, "ecr_pull_proxy_token_expiry_seconds{service=\"ecr\",partition=\"aws\",region=\"us-east-1\"").unwrap();
+    assert!(expiry < 0.0, "{after}");
+    assert!(!after.contains("app:v1"), "no image names in metrics");
+    assert_no_secret_in(&after);
+
+    s.containerd.kill();
+    let (status, body) = scrape(&addr, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(s.containerd.socket.to_str().unwrap()),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&scrape(&addr, "/metrics").1, "ecr_pull_proxy_upstream_up"),
+        Some(0.0)
+    );
+    assert_eq!(scrape(&addr, "/healthz").0, 200);
+    s.containerd.restart();
+    assert_eq!(scrape(&addr, "/readyz").0, 200);
+    assert_eq!(
+        sample(&scrape(&addr, "/metrics").1, "ecr_pull_proxy_upstream_up"),
+        Some(1.0)
+    );
+}

@@ -11,14 +11,14 @@
 //!   to [`ERROR_BACKOFF_MAX`], so a broken role cannot call AWS at pull rate;
 //!   a still-usable token keeps serving while AWS fails.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::{CredentialSource, SourceError, Token, TokenKey};
+use super::{CredentialSource, EcrService, SourceError, Token, TokenKey};
+use crate::metrics::{Metrics, TokenLabels};
 use crate::pull::Credentials;
 
 /// A token is not used closer than this to its `expiresAt`.
@@ -51,21 +51,6 @@ impl CacheOutcome {
             CacheOutcome::Miss => "miss",
         }
     }
-}
-
-/// Counters kept by the cache.
-#[derive(Debug, Default)]
-pub struct CacheStats {
-    /// Lookups answered from the cache.
-    pub hits: AtomicU64,
-    /// Lookups that waited for a fetch.
-    pub misses: AtomicU64,
-    /// Background refreshes started.
-    pub refreshes: AtomicU64,
-    /// Calls made to the credential source.
-    pub fetches: AtomicU64,
-    /// Calls to the source that failed.
-    pub fetch_errors: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -131,24 +116,48 @@ pub struct TokenCache {
     source: Arc<dyn CredentialSource>,
     slots: moka::sync::Cache<TokenKey, Arc<Slot>>,
     max_age: Option<Duration>,
-    stats: Arc<CacheStats>,
+    metrics: Arc<Metrics>,
 }
 
 impl TokenCache {
     /// A cache in front of `source`; `max_age` caps how long any token is
     /// used (kubelet's `defaultCacheDuration`, when imported).
-    pub fn new(source: Arc<dyn CredentialSource>, max_age: Option<Duration>) -> Self {
+    pub fn new(
+        source: Arc<dyn CredentialSource>,
+        max_age: Option<Duration>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         TokenCache {
             source,
             slots: moka::sync::Cache::new(MAX_KEYS),
             max_age,
-            stats: Arc::default(),
+            metrics,
         }
     }
 
-    /// The cache's counters.
-    pub fn stats(&self) -> &CacheStats {
-        &self.stats
+    /// Sets `token_expiry_seconds` from the tokens cached now (called at
+    /// scrape time).
+    pub fn export_expiries(&self) {
+        let family = &self.metrics.token_expiry;
+        family.clear();
+        let now = SystemTime::now();
+        for (key, expires_at) in self.expiries() {
+            let seconds = match expires_at.duration_since(now) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            };
+            let labels = TokenLabels {
+                service: match key.service {
+                    EcrService::Private => "ecr",
+                    EcrService::Public => "ecr-public",
+                },
+                partition: key.partition,
+                region: key.region.clone(),
+                variant: key.variant.to_string(),
+                role: key.role.as_ref().map(|r| r.arn.clone()).unwrap_or_default(),
+            };
+            family.get_or_create(&labels).set(seconds);
+        }
     }
 
     /// Credentials for `key`: cached, or fetched once for all concurrent
@@ -159,7 +168,7 @@ impl TokenCache {
             .get_with_by_ref(key, || Arc::new(Slot::default()));
         match slot.peek(Instant::now()) {
             Peek::Token(credentials, refresh) => {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                self.metrics.cache_hits.inc();
                 if refresh {
                     self.spawn_refresh(key.clone(), slot);
                 }
@@ -168,7 +177,7 @@ impl TokenCache {
             Peek::Error(e) => return Err(e),
             Peek::Nothing => {}
         }
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.metrics.cache_misses.inc();
         let guard = slot.fetch.clone().lock_owned().await;
         // Someone else may have fetched while this caller waited.
         match slot.peek(Instant::now()) {
@@ -194,7 +203,7 @@ impl TokenCache {
     }
 
     fn spawn_refresh(&self, key: TokenKey, slot: Arc<Slot>) {
-        self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.cache_refreshes.inc();
         let this = self.clone();
         tokio::spawn(async move {
             let _guard = slot.fetch.clone().lock_owned().await;
@@ -215,10 +224,18 @@ impl TokenCache {
         key: &TokenKey,
         slot: &Slot,
     ) -> Result<Credentials, SourceError> {
-        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = self.source.fetch(key).await;
         let now = Instant::now();
+        let api = match key.service {
+            EcrService::Private => "ecr:GetAuthorizationToken",
+            EcrService::Public => "ecr-public:GetAuthorizationToken",
+        };
+        let code = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => e.code.clone().unwrap_or_else(|| format!("{:?}", e.kind)),
+        };
+        self.metrics.observe_aws(api, code, now - started);
         let mut st = slot.state.lock().expect("token state lock");
         match result {
             Ok(token) => {
@@ -235,7 +252,6 @@ impl TokenCache {
                 Ok(credentials)
             }
             Err(error) => {
-                self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
                 let backoff = match &st.error {
                     Some(prev) => (prev.backoff * 2).min(ERROR_BACKOFF_MAX),
                     None => ERROR_BACKOFF_MIN,
@@ -304,7 +320,7 @@ mod tests {
     use super::*;
     use crate::ecr::{EndpointVariant, ErrorKind};
     use futures_util::future::BoxFuture;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A source that counts calls, waits `delay`, and answers from a script.
     struct Scripted {
@@ -376,7 +392,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn hundred_concurrent_misses_make_one_call() {
         let source = Scripted::new(Duration::from_millis(200), Some(TWELVE_HOURS));
-        let cache = TokenCache::new(source.clone(), None);
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
         let tasks: Vec<_> = (0..100)
             .map(|_| {
                 let cache = cache.clone();
@@ -393,7 +409,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refresh_happens_ahead_and_no_caller_waits() {
         let source = Scripted::new(Duration::from_secs(2), Some(TWELVE_HOURS));
-        let cache = TokenCache::new(source.clone(), None);
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
         let (_, outcome) = cache.get(&key()).await.unwrap();
         assert_eq!(outcome, CacheOutcome::Miss);
         // Past the latest possible refresh point (half the usable life plus
@@ -408,14 +424,14 @@ mod tests {
         assert_eq!(source.calls(), 2);
         let (c, outcome) = cache.get(&key()).await.unwrap();
         assert_eq!((c.password.as_str(), outcome), ("pw-2", CacheOutcome::Hit));
-        assert_eq!(cache.stats().refreshes.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.metrics.cache_refreshes.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn errors_back_off_exponentially() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
         source.fail_with(Some(ErrorKind::AccessDenied));
-        let cache = TokenCache::new(source.clone(), None);
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
         // Hammer the cache for 100 s at 100 lookups per second.
         for _ in 0..10_000 {
             let e = cache.get(&key()).await.unwrap_err();
@@ -433,7 +449,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expired_on_arrival_serves_the_pull_and_is_kept_at_most_a_minute() {
         let source = Scripted::new(Duration::ZERO, None);
-        let cache = TokenCache::new(source.clone(), None);
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
         assert_eq!(cache.get(&key()).await.unwrap().0.password, "pw-1");
         tokio::time::advance(Duration::from_secs(20)).await;
         assert_eq!(cache.get(&key()).await.unwrap().1, CacheOutcome::Hit);
@@ -449,7 +465,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stale_token_keeps_serving_while_the_source_fails() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
-        let cache = TokenCache::new(source.clone(), None);
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
         cache.get(&key()).await.unwrap();
         source.fail_with(Some(ErrorKind::Network));
         // Into the refresh window: every refresh fails, pulls keep working.
@@ -467,7 +483,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn max_age_caps_how_long_a_token_is_used() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
-        let cache = TokenCache::new(source.clone(), Some(Duration::from_secs(3600)));
+        let cache = TokenCache::new(
+            source.clone(),
+            Some(Duration::from_secs(3600)),
+            Arc::default(),
+        );
         cache.get(&key()).await.unwrap();
         tokio::time::advance(Duration::from_secs(3601)).await;
         let (c, outcome) = cache.get(&key()).await.unwrap();
@@ -477,7 +497,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
         let source = Scripted::new(Duration::from_secs(5), Some(TWELVE_HOURS));
-        let cache = TokenCache::new(source.clone(), None);
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
         let first = tokio::time::timeout(Duration::from_secs(1), cache.get(&key())).await;
         assert!(first.is_err());
         let (c, _) = cache.get(&key()).await.unwrap();
