@@ -7,6 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[allow(unused_imports)]
+use clap::CommandFactory;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
@@ -71,24 +73,66 @@ pub const CONFIG_KEYS: &[&str] = &[
     about = "CRI image-service proxy that adds Amazon ECR credentials to PullImage calls"
 )]
 pub struct Cli {
-    /// TOML config file [default: /etc/ecr-pull-proxy/config.toml, if present]
-    #[arg(long, value_name = "FILE")]
+    /// What to do; without one, run the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// TOML config file
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
-    /// Unix socket to listen on, as a path or unix://PATH [default: /run/ecr-pull-proxy/ecr-pull-proxy.sock]
-    #[arg(long, value_name = "PATH")]
+    /// Unix socket to listen on, as a path or unix://PATH
+    #[arg(long, value_name = "PATH", global = true)]
     pub listen: Option<String>,
-    /// containerd CRI socket to forward to, as a path or unix://PATH [default: /run/containerd/containerd.sock]
-    #[arg(long, value_name = "PATH")]
+    /// containerd CRI socket to forward to, as a path or unix://PATH
+    #[arg(long, value_name = "PATH", global = true)]
     pub upstream: Option<String>,
-    /// Log level [default: info]
-    #[arg(long, value_name = "LEVEL")]
+    /// Log level
+    #[arg(long, value_name = "LEVEL", global = true)]
     pub log_level: Option<LogLevel>,
-    /// Log format [default: text]
-    #[arg(long, value_name = "FORMAT")]
+    /// Log format
+    #[arg(long, value_name = "FORMAT", global = true)]
     pub log_format: Option<LogFormat>,
-    /// Serve /metrics, /healthz and /readyz on a TCP address (127.0.0.1:9464) or unix:PATH [default: off]
-    #[arg(long, value_name = "ADDR")]
+    /// Serve /metrics, /healthz and /readyz on a TCP address or unix:PATH
+    #[arg(long, value_name = "ADDR", global = true)]
     pub metrics_listen: Option<String>,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Check the configuration, the AWS identity, the upstream socket and,
+    /// with --image, whether an image gets a token. Exits 0 when everything
+    /// needed would work.
+    Check {
+        /// An image reference to match and fetch a token for
+        #[arg(long, value_name = "REF")]
+        image: Option<String>,
+    },
+}
+
+impl Cli {
+    /// The command line definition, with help texts that state the defaults
+    /// from the constants above (so help, code and README cannot drift).
+    pub fn command() -> clap::Command {
+        <Cli as clap::CommandFactory>::command()
+            .mut_arg("config", |a| a.help(format!("TOML config file [default: {DEFAULT_CONFIG_PATH}, if present]")))
+            .mut_arg("listen", |a| a.help(format!("Unix socket to listen on, as a path or unix://PATH [default: {DEFAULT_LISTEN}]")))
+            .mut_arg("upstream", |a| a.help(format!("containerd CRI socket to forward to, as a path or unix://PATH [default: {DEFAULT_UPSTREAM}]")))
+            .mut_arg("log_level", |a| a.help(format!("Log level [default: {}]", DEFAULT_LOG_LEVEL.as_str())))
+            .mut_arg("log_format", |a| a.help(format!("Log format [default: {}]", DEFAULT_LOG_FORMAT.as_str())))
+            .mut_arg("metrics_listen", |a| {
+                a.help("Serve /metrics, /healthz and /readyz on a TCP address (127.0.0.1:9464) or unix:PATH [default: off]")
+            })
+    }
+
+    /// Parses `args` (the program name first).
+    pub fn try_parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::command().try_get_matches_from(args)?;
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+    }
 }
 
 /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -125,6 +169,19 @@ pub enum LogLevel {
     Trace,
 }
 
+impl LogLevel {
+    /// The level's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -133,6 +190,16 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+impl LogFormat {
+    /// The format's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// Policy for a `PullImage` that already carries credentials.
@@ -664,7 +731,7 @@ mod tests {
     use super::*;
 
     fn cli() -> Cli {
-        Cli::parse_from(["ecr-pull-proxy"])
+        Cli::try_parse_args(["ecr-pull-proxy"]).unwrap()
     }
 
     fn err(text: &str) -> String {
@@ -719,13 +786,14 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file() {
-        let cli = Cli::parse_from([
+        let cli = Cli::try_parse_args([
             "x",
             "--listen",
             "unix:///tmp/a.sock",
             "--log-level",
             "debug",
-        ]);
+        ])
+        .unwrap();
         let c = Config::from_toml(
             "listen = \"/tmp/b.sock\"\nlog_level = \"warn\"\nupstream = \"unix:///tmp/c.sock\"",
             &cli,
@@ -842,10 +910,10 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(&path, "").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        let cli = Cli::try_parse_args(["x", "--config", path.to_str().unwrap()]).unwrap();
         let e = Config::load(&cli).unwrap_err().to_string();
         assert!(e.contains("world-writable"), "{e}");
-        let cli = Cli::parse_from(["x", "--config", "/nonexistent/config.toml"]);
+        let cli = Cli::try_parse_args(["x", "--config", "/nonexistent/config.toml"]).unwrap();
         assert!(Config::load(&cli)
             .unwrap_err()
             .to_string()

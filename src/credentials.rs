@@ -103,6 +103,45 @@ impl Resolver {
         })
     }
 
+    /// Why `image` gets no token (for `check`), or `None` when it does.
+    pub fn why_not(&self, image: &str) -> Option<String> {
+        if self.target(image).is_some() {
+            return None;
+        }
+        let Some(r) = ImageRef::parse(image) else {
+            return Some("not a valid image reference; containerd will reject it".into());
+        };
+        if r.domain == ECR_PUBLIC_HOST {
+            return Some(format!(
+                "{ECR_PUBLIC_HOST} gets a token only with ecr_public = true"
+            ));
+        }
+        let path = format!("{}:{}", r.path, r.tag.as_deref().unwrap_or("latest"));
+        if let Some(p) = self
+            .config
+            .ecr_patterns
+            .iter()
+            .find(|p| p.matches(&r.domain, &path))
+        {
+            return Some(format!(
+                "host {} matches pattern {:?} but is not an ECR registry host (a 12-digit account, dkr.ecr, a region)",
+                r.domain,
+                p.as_str()
+            ));
+        }
+        Some(format!(
+            "host {} matches no pattern ({} ECR patterns, {} [[registries]] entries)",
+            r.domain,
+            self.config.ecr_patterns.len(),
+            self.config.registries.len()
+        ))
+    }
+
+    /// The configuration this resolver applies.
+    pub fn config(&self) -> &CredentialsConfig {
+        &self.config
+    }
+
     /// Credentials for `target`.
     pub async fn credentials(
         &self,
@@ -117,7 +156,6 @@ mod tests {
     use super::*;
     use crate::config::{Cli, Config};
     use crate::ecr::{CredentialSource, Token};
-    use clap::Parser;
     use futures_util::future::BoxFuture;
     use std::sync::Arc;
 
@@ -129,7 +167,7 @@ mod tests {
     }
 
     fn resolver(toml: &str) -> Resolver {
-        let config = Config::from_toml(toml, &Cli::parse_from(["x"])).unwrap();
+        let config = Config::from_toml(toml, &Cli::try_parse_args(["x"]).unwrap()).unwrap();
         Resolver::new(
             config.credentials,
             TokenCache::new(Arc::new(Never), None, Arc::default()),

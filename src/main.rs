@@ -3,14 +3,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use ecr_pull_proxy::config::{Cli, Config};
+use ecr_pull_proxy::config::{Cli, Command, Config};
 
 /// `EX_USAGE`: bad usage or configuration; systemd does not restart on it.
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_args(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -32,6 +31,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Some(Command::Check { image }) = &cli.command {
+        return check(&config, image.as_deref());
+    }
     ecr_pull_proxy::logging::init(config.log_level, config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -52,5 +54,27 @@ fn main() -> ExitCode {
             tracing::error!(error = %ecr_pull_proxy::proxy::error_chain(&e), "ecr-pull-proxy stopped");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `ecr-pull-proxy check`: prints the report; exit 0 when nothing is wrong,
+/// 1 otherwise.
+fn check(config: &Config, image: Option<&str>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ecr-pull-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(ecr_pull_proxy::check::run(config, image));
+    print!("{}", report.render());
+    if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -221,9 +221,42 @@ impl Upstream {
             .map_err(|e| self.unavailable(e.into()))
     }
 
-    /// Whether the upstream answers an HTTP/2 handshake now.
+    /// Whether the upstream answers a CRI call now: an `ImageFsInfo` (the
+    /// call kubelet makes first) must come back OK within [`DIAL_TIMEOUT`].
     pub async fn probe(&self) -> Result<(), ProxyError> {
-        self.sender().await.map(drop)
+        let req = Request::builder()
+            .method(http::Method::POST)
+            .uri("http://localhost/runtime.v1.ImageService/ImageFsInfo")
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(boxed(Full::new(pull::frame(&[]))))
+            .expect("static request");
+        let call = async {
+            let resp = self.send(req).await?;
+            let (head, body) = resp.into_parts();
+            let collected = body
+                .collect()
+                .await
+                .map_err(|e| self.unavailable(e.into()))?;
+            let status = collected
+                .trailers()
+                .and_then(Status::from_header_map)
+                .or_else(|| Status::from_header_map(&head.headers));
+            match status {
+                Some(s) if s.code() == Code::Ok => Ok(()),
+                Some(s) => Err(self.unavailable(
+                    format!("ImageFsInfo answered {:?}: {}", s.code(), s.message()).into(),
+                )),
+                None => Err(self.unavailable("ImageFsInfo answered without a gRPC status".into())),
+            }
+        };
+        tokio::time::timeout(DIAL_TIMEOUT, call)
+            .await
+            .map_err(|_| {
+                self.unavailable(
+                    format!("ImageFsInfo took longer than {}s", DIAL_TIMEOUT.as_secs()).into(),
+                )
+            })?
     }
 }
 

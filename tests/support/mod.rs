@@ -228,7 +228,27 @@ impl Drop for ProxyProcess {
 
 /// Runs the proxy binary with `args` to completion (for start-up failures).
 pub fn run_proxy_to_exit(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"))
+    run_with_env(args, &[], timeout)
+}
+
+/// As [`run_proxy_to_exit`], with a clean AWS environment plus `env`.
+pub fn run_with_env(
+    args: &[&str],
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .args(args)
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .stdout(Stdio::piped())

@@ -1,0 +1,278 @@
+//! `ecr-pull-proxy check`: what an operator runs when pulls fail. Validates
+//! the configuration (already done by the caller), prints the effective
+//! settings, probes the upstream socket, shows the AWS identity in use and
+//! where it came from, and for `--image` says whether the image matches and
+//! why, and fetches a token for it (printing region, account and expiry,
+//! never the token).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::provider::ProvideCredentials;
+
+use crate::config::Config;
+use crate::credentials::Resolver;
+use crate::ecr::aws::{load_sdk_config, AwsSource};
+use crate::ecr::{CredentialSource, EcrHost};
+use crate::image_ref::ImageRef;
+use crate::metrics::Metrics;
+use crate::proxy::Upstream;
+
+/// What `check` found: lines to print, and problems (one line each).
+#[derive(Debug, Default)]
+pub struct Report {
+    /// `name: value` lines.
+    pub lines: Vec<(String, String)>,
+    /// Problems, each a line saying what to fix.
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    fn line(&mut self, name: &str, value: impl Into<String>) {
+        self.lines.push((name.to_owned(), value.into()));
+    }
+
+    /// The report as text: aligned lines, then one `problem:` line each.
+    pub fn render(&self) -> String {
+        let width = self.lines.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+        let mut out = String::new();
+        for (n, v) in &self.lines {
+            out.push_str(&format!("{n:width$}  {v}\n"));
+        }
+        for p in &self.problems {
+            out.push_str(&format!("problem: {p}\n"));
+        }
+        if self.problems.is_empty() {
+            out.push_str("ok: everything needed would work\n");
+        }
+        out
+    }
+}
+
+/// Runs every check.
+pub async fn run(config: &Config, image: Option<&str>) -> Report {
+    let mut r = Report::default();
+    let creds = &config.credentials;
+    r.line(
+        "config",
+        config
+            .source
+            .as_ref()
+            .map_or("(none: defaults)".to_owned(), |p| p.display().to_string()),
+    );
+    r.line("listen", config.listen.display().to_string());
+    r.line(
+        "existing_credentials",
+        creds.existing_credentials.to_string(),
+    );
+    let patterns: Vec<&str> = creds.ecr_patterns.iter().map(|p| p.as_str()).collect();
+    r.line(
+        "ecr patterns",
+        if patterns.is_empty() {
+            "(none)".to_owned()
+        } else {
+            patterns.join(", ")
+        },
+    );
+    for (i, e) in creds.registries.iter().enumerate() {
+        let pats: Vec<&str> = e.patterns.iter().map(|p| p.as_str()).collect();
+        let role = e
+            .role
+            .as_ref()
+            .map(|r| format!(" as {}", r.arn))
+            .unwrap_or_default();
+        r.line(
+            &format!("registries[{i}]"),
+            format!(
+                "{} -> {}.dkr.ecr.{} ({}){role}",
+                pats.join(", "),
+                e.registry.account,
+                e.registry.region,
+                e.registry.partition
+            ),
+        );
+    }
+    r.line("ecr_public", creds.ecr_public.to_string());
+    r.line(
+        "metrics",
+        config
+            .metrics_listen
+            .as_ref()
+            .map_or("off".to_owned(), ToString::to_string),
+    );
+
+    let upstream = Upstream::new(&config.upstream, Default::default());
+    match upstream.probe().await {
+        Ok(()) => r.line(
+            "upstream",
+            format!("{}: answers ImageFsInfo", config.upstream.display()),
+        ),
+        Err(e) => {
+            r.line(
+                "upstream",
+                format!("{}: not answering", config.upstream.display()),
+            );
+            r.problems.push(format!(
+                "{}; is containerd running, and is `upstream` its CRI socket?",
+                crate::error_chain(&e)
+            ));
+        }
+    }
+
+    identity(&mut r, config).await;
+
+    if let Some(image) = image {
+        image_check(&mut r, config, image).await;
+    }
+    r
+}
+
+/// The credential provider that answered and the identity's ARN.
+async fn identity(r: &mut Report, config: &Config) {
+    let timeout = config.credentials.aws_timeout;
+    let sdk = load_sdk_config(timeout).await;
+    let Some(provider) = sdk.credentials_provider() else {
+        r.problems
+            .push("AWS: no credential provider is configured".into());
+        return;
+    };
+    let creds = match tokio::time::timeout(timeout, provider.provide_credentials()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            r.line("AWS identity", "none");
+            r.problems
+                .push(format!("AWS credential chain: {}", crate::error_chain(&e)));
+            return;
+        }
+        Err(_) => {
+            r.line("AWS identity", "none");
+            r.problems.push(format!(
+                "AWS credential chain: no answer within {}",
+                humantime::format_duration(timeout)
+            ));
+            return;
+        }
+    };
+    let source = provider_name(&creds);
+    let region = sdk
+        .region()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "us-east-1".into());
+    let sts = aws_sdk_sts::Client::from_conf(
+        aws_sdk_sts::config::Builder::from(&sdk)
+            .region(aws_sdk_sts::config::Region::new(region))
+            .build(),
+    );
+    match tokio::time::timeout(timeout, sts.get_caller_identity().send()).await {
+        Ok(Ok(out)) => r.line(
+            "AWS identity",
+            format!("{} (credentials from {source})", out.arn().unwrap_or("?")),
+        ),
+        Ok(Err(e)) => {
+            r.line(
+                "AWS identity",
+                format!("credentials from {source}, but STS does not accept them"),
+            );
+            r.problems
+                .push(format!("STS GetCallerIdentity: {}", crate::error_chain(&e)));
+        }
+        Err(_) => {
+            r.line("AWS identity", format!("credentials from {source}"));
+            r.problems.push(format!(
+                "STS GetCallerIdentity: no answer within {}",
+                humantime::format_duration(timeout)
+            ));
+        }
+    }
+}
+
+/// The SDK names the provider that produced credentials only in their
+/// `Debug` form; take that one field and nothing else.
+fn provider_name(creds: &aws_credential_types::Credentials) -> String {
+    let debug = format!("{creds:?}");
+    debug
+        .split("provider_name: \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .map(str::to_owned)
+        .unwrap_or_else(|| "an unnamed provider".into())
+}
+
+async fn image_check(r: &mut Report, config: &Config, image: &str) {
+    let cache = crate::ecr::TokenCache::new(Arc::new(NoSource), None, Arc::new(Metrics::new()));
+    let resolver = Resolver::new(config.credentials.clone(), cache);
+    let Some(target) = resolver.target(image) else {
+        let why = resolver.why_not(image).unwrap_or_default();
+        r.line("image", format!("{image}: no token: {why}"));
+        return;
+    };
+    let account = ImageRef::parse(image)
+        .and_then(|i| EcrHost::parse(i.host()))
+        .map(|h| h.account)
+        .or_else(|| {
+            config
+                .credentials
+                .registries
+                .iter()
+                .find(|e| e.patterns.iter().any(|p| p.as_str() == target.pattern))
+                .map(|e| e.registry.account.clone())
+        })
+        .unwrap_or_else(|| "-".into());
+    r.line(
+        "image",
+        format!(
+            "{image}: matches {:?}; token for {} (account {account})",
+            target.pattern, target.key
+        ),
+    );
+    let source = AwsSource::new(config.credentials.aws_timeout);
+    match source.fetch(&target.key).await {
+        Ok(token) => {
+            let expires = humantime::format_rfc3339_seconds(token.expires_at);
+            let note = match token.expires_at.duration_since(SystemTime::now()) {
+                Ok(left) => format!("in {}", humantime::format_duration(Duration::from_secs(left.as_secs()))),
+                Err(_) => "already expired on arrival: clock skew, or an emulator; the proxy keeps such a token 60 s".into(),
+            };
+            r.line(
+                "token",
+                format!(
+                    "fetched for region {}, account {account}; expires {expires} ({note})",
+                    target.key.region
+                ),
+            );
+        }
+        Err(e) if target.anonymous_on_failure => {
+            r.line(
+                "token",
+                format!("none ({e}); pulls of this image go on anonymously"),
+            );
+        }
+        Err(e) => {
+            r.line("token", "none");
+            r.problems.push(format!(
+                "cannot get an ECR token for {image} (region {}): {e}",
+                target.key.region
+            ));
+        }
+    }
+}
+
+/// `check` fetches through [`AwsSource`] directly; the resolver's cache is
+/// only used for matching and never asked.
+struct NoSource;
+
+impl CredentialSource for NoSource {
+    fn fetch(
+        &self,
+        _: &crate::ecr::TokenKey,
+    ) -> futures_util::future::BoxFuture<'static, Result<crate::ecr::Token, crate::ecr::SourceError>>
+    {
+        Box::pin(async {
+            Err(crate::ecr::SourceError::new(
+                crate::ecr::ErrorKind::Other,
+                None,
+                "not used by check",
+            ))
+        })
+    }
+}

@@ -1,0 +1,131 @@
+//! `ecr-pull-proxy check` against the moto-backed stack: exit 0 when all is
+//! well, and one clear line per problem otherwise.
+
+mod support;
+
+use std::time::Duration;
+
+use support::real::MOTO_PASSWORD;
+use support::run_with_env;
+use support::stack::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn check_passes_on_a_working_node_and_explains_the_image() {
+    let s = Stack::start(&[ECR_HOST]);
+    let upstream = s.containerd.socket.to_str().unwrap().to_owned();
+    let image = format!("{ECR_HOST}/app:v1");
+    let args = [
+        "check",
+        "--config",
+        "/dev/null",
+        "--upstream",
+        &upstream,
+        "--image",
+        &image,
+    ];
+    let (code, out) = run_with_env(&args, &s.moto.env(), TIMEOUT);
+    assert_eq!(code, Some(0), "{out}");
+    for needle in [
+        "answers ImageFsInfo",
+        "arn:aws:sts::123456789012:user/moto",
+        "credentials from Environment",
+        "matches \"*.dkr.ecr.*.amazonaws.com\"",
+        "account 123456789012",
+        "fetched for region us-east-1",
+        "already expired on arrival",
+        "ok: everything needed would work",
+    ] {
+        assert!(
+            out.contains(needle),
+            "check output should mention {needle:?}:\n{out}"
+        );
+    }
+    assert_no_secret_in(&out);
+    assert!(!out.contains(MOTO_PASSWORD));
+
+    // An image that gets no token: the line says why, and it is not a problem.
+    let other = format!("{ECR_HOST}.evil.example/app:v1");
+    let args = [
+        "check",
+        "--config",
+        "/dev/null",
+        "--upstream",
+        &upstream,
+        "--image",
+        &other,
+    ];
+    let (code, out) = run_with_env(&args, &s.moto.env(), TIMEOUT);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("no token: host 123456789012.dkr.ecr.us-east-1.amazonaws.com.evil.example matches no pattern"), "{out}");
+}
+
+#[test]
+fn check_names_each_problem_on_one_line() {
+    let s = Stack::start(&[ECR_HOST]);
+    let image = format!("{ECR_HOST}/app:v1");
+
+    // An unreachable upstream.
+    let args = [
+        "check",
+        "--config",
+        "/dev/null",
+        "--upstream",
+        "/nonexistent/c.sock",
+        "--image",
+        &image,
+    ];
+    let (code, out) = run_with_env(&args, &s.moto.env(), TIMEOUT);
+    assert_eq!(code, Some(1), "{out}");
+    let problems: Vec<&str> = out.lines().filter(|l| l.starts_with("problem: ")).collect();
+    assert_eq!(problems.len(), 1, "{out}");
+    assert!(
+        problems[0].contains("/nonexistent/c.sock")
+            && problems[0].contains("is containerd running"),
+        "{out}"
+    );
+
+    // An identity that cannot get a token: no credentials at all.
+    let upstream = s.containerd.socket.to_str().unwrap().to_owned();
+    let env = vec![("AWS_ENDPOINT_URL", format!("http://{}", s.moto.addr))];
+    let args = [
+        "check",
+        "--config",
+        "/dev/null",
+        "--upstream",
+        &upstream,
+        "--image",
+        &image,
+    ];
+    let (code, out) = run_with_env(&args, &env, TIMEOUT);
+    assert_eq!(code, Some(1), "{out}");
+    let problems: Vec<&str> = out.lines().filter(|l| l.starts_with("problem: ")).collect();
+    assert_eq!(problems.len(), 2, "{out}");
+    assert!(
+        problems[0].contains("AWS credential chain")
+            && problems[0].contains("no credentials found"),
+        "{out}"
+    );
+    assert!(
+        problems[1].contains("cannot get an ECR token for")
+            && problems[1].contains("NoCredentials"),
+        "{out}"
+    );
+
+    // A bad config: exit 64, the key named, nothing else tried.
+    let dir = support::short_tempdir();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "existing_credentials = \"always\"\n").unwrap();
+    let (code, out) = run_with_env(
+        &["check", "--config", bad.to_str().unwrap()],
+        &s.moto.env(),
+        TIMEOUT,
+    );
+    assert_eq!(code, Some(64), "{out}");
+    assert!(
+        out.contains("existing_credentials") && out.contains("fallback"),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 1, "{out}");
+}
