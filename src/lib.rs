@@ -18,6 +18,7 @@ pub mod matcher;
 pub mod metrics;
 pub mod proxy;
 pub mod pull;
+pub mod reload;
 pub mod server;
 pub mod signal;
 
@@ -63,15 +64,25 @@ pub enum RunError {
     Signal(#[source] std::io::Error),
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> Result<(), RunError> {
+/// Runs the daemon until SIGTERM/SIGINT; SIGHUP reloads the configuration
+/// `cli` points at.
+pub async fn run(cli: config::Cli, config: Config) -> Result<(), RunError> {
     let metrics = Arc::new(metrics::Metrics::new());
     let source = Arc::new(ecr::aws::AwsSource::new(config.credentials.aws_timeout));
     let cache = ecr::TokenCache::new(source, config.credentials.max_token_age, metrics.clone());
-    let resolver = credentials::Resolver::new(config.credentials.clone(), cache);
+    let resolver = credentials::Resolver::new(config.credentials.clone(), cache.clone());
     let upstream = proxy::Upstream::new(&config.upstream, metrics.upstream_up.clone());
     let proxy = proxy::Proxy::new(upstream, resolver, metrics.clone());
     let shutdown = signal::shutdown().map_err(RunError::Signal)?;
+    // Installed before READY: SIGHUP's default action would end the process.
+    let hangups = signal::hangups().map_err(RunError::Signal)?;
+    tokio::spawn(reload::on_hangup(
+        hangups,
+        cli,
+        config.clone(),
+        proxy.clone(),
+        cache,
+    ));
     let admin = match &config.metrics_listen {
         Some(addr) => Some(admin::bind(addr).await?),
         None => None,

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(ecr_pull_proxy::run(config)) {
+    match runtime.block_on(ecr_pull_proxy::run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %ecr_pull_proxy::proxy::error_chain(&e), "ecr-pull-proxy stopped");

@@ -295,7 +295,8 @@ pub struct Proxy {
 
 struct Inner {
     upstream: Upstream,
-    resolver: Resolver,
+    /// Swapped whole on reload; a call keeps the one it started with.
+    resolver: std::sync::RwLock<Arc<Resolver>>,
     metrics: Arc<Metrics>,
 }
 
@@ -306,7 +307,7 @@ impl Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 upstream,
-                resolver,
+                resolver: std::sync::RwLock::new(Arc::new(resolver)),
                 metrics,
             }),
         }
@@ -317,9 +318,14 @@ impl Proxy {
         &self.inner.upstream
     }
 
-    /// The resolver.
-    pub fn resolver(&self) -> &Resolver {
-        &self.inner.resolver
+    /// The resolver in force now.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        self.inner.resolver.read().expect("resolver lock").clone()
+    }
+
+    /// Puts `resolver` in force for the calls that start from now on.
+    pub fn replace_resolver(&self, resolver: Resolver) {
+        *self.inner.resolver.write().expect("resolver lock") = Arc::new(resolver);
     }
 
     /// Handles one call. Never fails: errors become gRPC statuses.
@@ -387,7 +393,7 @@ impl Proxy {
                 return (self.send_bytes(&parts, body, request_trailers).await, None);
             }
         };
-        let resolver = &self.inner.resolver;
+        let resolver = self.resolver();
         let Some(target) = resolver.target(&info.image) else {
             let record = PullRecord::new(&info.image, None, CredentialSourceKind::None, None);
             return (
@@ -436,24 +442,25 @@ impl Proxy {
             );
             let kind = CredentialSourceKind::Fallback;
             return self
-                .pull_with_token(&parts, message, &info.image, &target, kind)
+                .pull_with_token(&resolver, &parts, message, &info.image, &target, kind)
                 .await;
         }
         // No credentials, or policy `replace`.
         let kind = CredentialSourceKind::Injected;
-        self.pull_with_token(&parts, message, &info.image, &target, kind)
+        self.pull_with_token(&resolver, &parts, message, &info.image, &target, kind)
             .await
     }
 
     async fn pull_with_token(
         &self,
+        resolver: &Resolver,
         parts: &http::request::Parts,
         message: &[u8],
         image: &str,
         target: &Target,
         kind: CredentialSourceKind,
     ) -> (Response<ProxyBody>, Option<PullRecord>) {
-        let (credentials, outcome) = match self.inner.resolver.credentials(target).await {
+        let (credentials, outcome) = match resolver.credentials(target).await {
             Ok(v) => v,
             Err(source) => {
                 let err = ProxyError::Credentials {

@@ -1,4 +1,5 @@
-//! The shutdown signal: SIGTERM (systemd, kubelet's node drain) or SIGINT.
+//! Signals: SIGTERM (systemd, a node drain) or SIGINT shut down; SIGHUP
+//! asks for a configuration reload.
 
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -14,4 +15,10 @@ pub fn shutdown() -> std::io::Result<impl std::future::Future<Output = ()>> {
         };
         tracing::info!(signal = name, "shutting down");
     })
+}
+
+/// A stream of SIGHUPs. Installing it replaces the default action
+/// (terminate), so call it before announcing readiness.
+pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    signal(SignalKind::hangup())
 }

@@ -1,0 +1,97 @@
+//! SIGHUP: re-read the configuration with the same validation as at start.
+//! A valid one replaces the credential settings atomically (calls in flight
+//! finish with the settings they started with; cached tokens stay, since the
+//! cache is shared and keyed by what a token serves). An invalid one is
+//! logged, naming the key, and the running settings stay.
+//!
+//! Settings bound at start (sockets, logging, timeouts, the metrics
+//! endpoint) are compared and, if changed, reported as needing a restart.
+
+use tokio::signal::unix::Signal;
+
+use crate::config::{Cli, Config};
+use crate::credentials::Resolver;
+use crate::ecr::TokenCache;
+use crate::proxy::Proxy;
+
+/// Reloads on every SIGHUP until the process ends.
+pub async fn on_hangup(
+    mut hangups: Signal,
+    cli: Cli,
+    mut current: Config,
+    proxy: Proxy,
+    cache: TokenCache,
+) {
+    while hangups.recv().await.is_some() {
+        match Config::load(&cli) {
+            Ok(new) => {
+                for key in needs_restart(&current, &new) {
+                    tracing::warn!(
+                        key,
+                        "changed in the config file; takes effect after a restart"
+                    );
+                }
+                proxy.replace_resolver(Resolver::new(new.credentials.clone(), cache.clone()));
+                tracing::info!(
+                    existing_credentials = %new.credentials.existing_credentials,
+                    patterns = new.credentials.ecr_patterns.len(),
+                    registries = new.credentials.registries.len(),
+                    ecr_public = new.credentials.ecr_public,
+                    "configuration reloaded"
+                );
+                current = new;
+            }
+            Err(e) => tracing::error!(
+                error = %crate::error_chain(&e),
+                "configuration not reloaded; the running one stays"
+            ),
+        }
+    }
+}
+
+/// The keys whose change a reload cannot apply.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut diff = |key, changed: bool| {
+        if changed {
+            keys.push(key);
+        }
+    };
+    diff("listen", old.listen != new.listen);
+    diff("upstream", old.upstream != new.upstream);
+    diff("socket_mode", old.socket_mode != new.socket_mode);
+    diff("socket_group", old.socket_group != new.socket_group);
+    diff("shutdown_grace", old.shutdown_grace != new.shutdown_grace);
+    diff("log_level", old.log_level != new.log_level);
+    diff("log_format", old.log_format != new.log_format);
+    diff("metrics_listen", old.metrics_listen != new.metrics_listen);
+    diff(
+        "aws_timeout",
+        old.credentials.aws_timeout != new.credentials.aws_timeout,
+    );
+    diff(
+        "credential_provider_config (defaultCacheDuration)",
+        old.credentials.max_token_age != new.credentials.max_token_age,
+    );
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_only_keys_are_reported() {
+        let cli = Cli::try_parse_args(["x"]).unwrap();
+        let old = Config::from_toml("", &cli).unwrap();
+        let same_sockets = Config::from_toml(
+            "existing_credentials = \"keep\"\ndefault_patterns = false",
+            &cli,
+        )
+        .unwrap();
+        assert!(needs_restart(&old, &same_sockets).is_empty());
+        let moved =
+            Config::from_toml("listen = \"/run/x.sock\"\naws_timeout = \"3s\"", &cli).unwrap();
+        assert_eq!(needs_restart(&old, &moved), vec!["listen", "aws_timeout"]);
+    }
+}
