@@ -46,20 +46,33 @@ fn readme_lists_exactly_the_config_keys() {
 
 /// The backticked first cells of the table under `## Metrics and health`.
 fn readme_metric_families(readme: &str) -> Vec<String> {
-    let section = readme.split("## Metrics and health").nth(1).expect("metrics section");
+    let section = readme
+        .split("## Metrics and health")
+        .nth(1)
+        .expect("metrics section");
     section
         .lines()
         .skip_while(|l| !l.starts_with('|'))
         .take_while(|l| l.starts_with('|'))
         .skip(2)
-        .map(|l| l.split('|').nth(1).unwrap().trim().trim_matches('`').to_owned())
+        .map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap()
+                .trim()
+                .trim_matches('`')
+                .to_owned()
+        })
         .collect()
 }
 
 #[test]
 fn readme_lists_exactly_the_metric_families() {
     let mut documented = readme_metric_families(&readme());
-    let mut families: Vec<String> = ecr_pull_proxy::metrics::FAMILIES.iter().map(|f| f.to_string()).collect();
+    let mut families: Vec<String> = ecr_pull_proxy::metrics::FAMILIES
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
     documented.sort();
     families.sort();
     assert_eq!(documented, families);
@@ -68,17 +81,29 @@ fn readme_lists_exactly_the_metric_families() {
 #[test]
 fn install_snippets_name_the_default_socket() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/examples");
-    for name in ["kubelet-config.yaml", "kubelet-dropin.conf", "k3s-config.yaml", "nodeadm-nodeconfig.yaml"] {
+    for name in [
+        "kubelet-config.yaml",
+        "kubelet-dropin.conf",
+        "k3s-config.yaml",
+        "nodeadm-nodeconfig.yaml",
+    ] {
         let text = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
-        assert!(text.contains(&format!("unix://{}", config::DEFAULT_LISTEN)), "{name} should point at the default socket");
+        assert!(
+            text.contains(&format!("unix://{}", config::DEFAULT_LISTEN)),
+            "{name} should point at the default socket"
+        );
     }
     // The shipped default config parses and changes nothing.
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/config.toml")).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/config.toml"))
+        .unwrap();
     let cli = config::Cli::try_parse_args(["x"]).unwrap();
     let c = config::Config::from_toml(&text, &cli).unwrap();
     assert_eq!(c.listen, std::path::Path::new(config::DEFAULT_LISTEN));
     for key in CONFIG_KEYS.iter().filter(|k| !k.starts_with("registries")) {
-        assert!(text.contains(&format!("# {key} = ")), "the default config should show {key}");
+        assert!(
+            text.contains(&format!("# {key} = ")),
+            "the default config should show {key}"
+        );
     }
 }
 
