@@ -1,0 +1,433 @@
+//! Side-by-side figures, interleaved in one run so machine noise hits all
+//! alike: real containerd called direct, through `socat` relaying the same
+//! socket byte for byte (the floor for any relay), and through the proxy;
+//! then a fast scripted upstream for large answers, many concurrent callers
+//! and PullImage interception; then memory and start-up time.
+//! Run with `.ci/bench` (release build). Prints Markdown tables.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ecr_pull_proxy::cri;
+use prost::Message;
+use support::raw;
+use support::real::{Containerd, Moto, Registry, MOTO_PASSWORD};
+use support::scripted::ScriptedUpstream;
+use support::stack::ECR_HOST;
+use support::{ProxyOptions, ProxyProcess};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::Request;
+
+const ROUNDS: usize = 20;
+const PER_ROUND: usize = 100;
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+async fn call(ch: Channel, path: &str, msg: &Bytes, script: Option<&str>) -> Duration {
+    let mut req = Request::new(msg.clone());
+    if let Some(s) = script {
+        req.metadata_mut()
+            .insert("x-script", MetadataValue::try_from(s).unwrap());
+    }
+    let started = Instant::now();
+    raw::unary(ch, path, req).await.unwrap();
+    started.elapsed()
+}
+
+/// Interleaved sequential calls: per round, PER_ROUND calls to each target.
+async fn interleaved(
+    targets: &[(&str, Channel)],
+    path: &str,
+    msg: &Bytes,
+    script: Option<&str>,
+    rounds: usize,
+    per_round: usize,
+) -> Vec<Vec<Duration>> {
+    let mut out = vec![Vec::new(); targets.len()];
+    for (_, ch) in targets {
+        for _ in 0..20 {
+            call(ch.clone(), path, msg, script).await;
+        }
+    }
+    for _ in 0..rounds {
+        for (i, (_, ch)) in targets.iter().enumerate() {
+            for _ in 0..per_round {
+                out[i].push(call(ch.clone(), path, msg, script).await);
+            }
+        }
+    }
+    out
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap().trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!(
+        "{} cores, {cpu}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
+}
+
+fn socat(dir: &Path, target: &Path) -> (std::process::Child, std::path::PathBuf) {
+    let bin = support::require("socat", "the Debian package socat");
+    let sock = dir.join("socat.sock");
+    let child = Command::new(bin)
+        .arg(format!("UNIX-LISTEN:{},fork", sock.display()))
+        .arg(format!("UNIX-CONNECT:{}", target.display()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    support::wait_until(Duration::from_secs(5), "socat", || sock.exists());
+    (child, sock)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo bench` passes --bench; nothing else is expected.
+    let dir = support::short_tempdir();
+    println!(
+        "# ecr-pull-proxy benchmark\n\nmachine: {}; proxy: release build\n",
+        machine()
+    );
+
+    // === real containerd ===
+    let moto = Moto::start(dir.path());
+    let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
+    let containerd = Containerd::start(dir.path(), &[(ECR_HOST, registry.addr.as_str())]);
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &containerd.socket,
+        ProxyOptions {
+            env: moto.env(),
+            args: vec!["--log-level", "warn"],
+            ..Default::default()
+        },
+    );
+    for i in 0..20 {
+        registry.push_image(&format!("bench{i}"), &["v1"]);
+        let req = cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: format!("{ECR_HOST}/bench{i}:v1"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        cri::image_service_client::ImageServiceClient::new(proxy.channel())
+            .pull_image(req)
+            .await
+            .unwrap();
+    }
+    let (mut socat_child, socat_sock) = socat(dir.path(), &containerd.socket);
+    let targets = [
+        ("direct", support::channel(&containerd.socket)),
+        ("socat", support::channel(&socat_sock)),
+        ("proxy", proxy.channel()),
+    ];
+    let status = Bytes::from(
+        cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec {
+                image: format!("{ECR_HOST}/bench0:v1"),
+                ..Default::default()
+            }),
+            verbose: false,
+        }
+        .encode_to_vec(),
+    );
+    println!("## Against real containerd ({ROUNDS} interleaved rounds of {PER_ROUND} sequential calls per path)\n");
+    println!("| call | direct p50 / p99 | socat p50 / p99 | proxy p50 / p99 | proxy ÷ direct (p50) | proxy's added p50 ÷ socat's |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (name, path, msg) in [
+        (
+            "ImageStatus",
+            "/runtime.v1.ImageService/ImageStatus",
+            status.clone(),
+        ),
+        (
+            "ListImages (20 images)",
+            "/runtime.v1.ImageService/ListImages",
+            Bytes::new(),
+        ),
+        (
+            "ImageFsInfo",
+            "/runtime.v1.ImageService/ImageFsInfo",
+            Bytes::new(),
+        ),
+    ] {
+        let mut r = interleaved(&targets, path, &msg, None, ROUNDS, PER_ROUND).await;
+        let p50: Vec<Duration> = r.iter_mut().map(|v| pct(v, 0.5)).collect();
+        let p99: Vec<Duration> = r.iter_mut().map(|v| pct(v, 0.99)).collect();
+        let added = |i: usize| p50[i].as_secs_f64() - p50[0].as_secs_f64();
+        println!(
+            "| {name} | {} / {} | {} / {} | {} / {} | {:.2} | {:.2} |",
+            us(p50[0]),
+            us(p99[0]),
+            us(p50[1]),
+            us(p99[1]),
+            us(p50[2]),
+            us(p99[2]),
+            p50[2].as_secs_f64() / p50[0].as_secs_f64(),
+            added(2) / added(1).max(1e-9),
+        );
+    }
+    let _ = socat_child.kill();
+
+    // === scripted upstream ===
+    let upstream = ScriptedUpstream::start(&dir.path().join("up.sock")).await;
+    let pdir = dir.path().join("p2");
+    std::fs::create_dir_all(&pdir).unwrap();
+    let proxy2 = ProxyProcess::start(
+        &pdir,
+        &upstream.socket,
+        ProxyOptions {
+            env: moto.env(),
+            args: vec!["--log-level", "warn"],
+            ..Default::default()
+        },
+    );
+    let fast = [
+        ("direct", support::channel(&upstream.socket)),
+        ("proxy", proxy2.channel()),
+    ];
+    println!("\n## Against a fast scripted upstream\n");
+    println!("| measure | direct | proxy | proxy ÷ direct |");
+    println!("| --- | --- | --- | --- |");
+    let mut r = interleaved(
+        &fast,
+        "/runtime.v1.ImageService/ListImages",
+        &Bytes::new(),
+        Some("big:10485760"),
+        10,
+        5,
+    )
+    .await;
+    let (d, p) = (pct(&mut r[0], 0.5), pct(&mut r[1], 0.5));
+    println!(
+        "| 10 MiB ListImages, p50 | {:.2} ms | {:.2} ms | {:.3} |",
+        d.as_secs_f64() * 1e3,
+        p.as_secs_f64() * 1e3,
+        p.as_secs_f64() / d.as_secs_f64()
+    );
+
+    // 256 concurrent callers over 8 connections, 3 s per turn, 2 turns each.
+    let mut totals = [0u64; 2];
+    let mut peak_rss = 0;
+    for _turn in 0..2 {
+        for (i, (_, _)) in fast.iter().enumerate() {
+            let chans: Vec<Channel> = (0..8)
+                .map(|_| {
+                    if i == 0 {
+                        support::channel(&upstream.socket)
+                    } else {
+                        proxy2.channel()
+                    }
+                })
+                .collect();
+            let until = Instant::now() + Duration::from_secs(3);
+            let tasks: Vec<_> = (0..256)
+                .map(|c| {
+                    let ch = chans[c % 8].clone();
+                    tokio::spawn(async move {
+                        let mut n = 0u64;
+                        let msg = Bytes::from_static(b"\x0a\x00");
+                        while Instant::now() < until {
+                            raw::unary(
+                                ch.clone(),
+                                "/runtime.v1.ImageService/ImageStatus",
+                                Request::new(msg.clone()),
+                            )
+                            .await
+                            .unwrap();
+                            n += 1;
+                        }
+                        n
+                    })
+                })
+                .collect();
+            if i == 1 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                peak_rss = peak_rss.max(proxy2.rss_kib().0);
+            }
+            for t in tasks {
+                totals[i] += t.await.unwrap();
+            }
+        }
+    }
+    println!(
+        "| 256 concurrent callers, calls/s | {:.0} | {:.0} | {:.3} |",
+        totals[0] as f64 / 6.0,
+        totals[1] as f64 / 6.0,
+        totals[1] as f64 / totals[0] as f64
+    );
+
+    // PullImage with a cached token: the proxy reads and rewrites it.
+    let pull = Bytes::from(
+        cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: format!("{ECR_HOST}/bench0:v1"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    call(
+        fast[1].1.clone(),
+        "/runtime.v1.ImageService/PullImage",
+        &pull,
+        None,
+    )
+    .await; // token now cached
+    let mut r = interleaved(
+        &fast,
+        "/runtime.v1.ImageService/PullImage",
+        &pull,
+        None,
+        10,
+        200,
+    )
+    .await;
+    let mut plain = interleaved(
+        &fast[1..],
+        "/runtime.v1.ImageService/ImageStatus",
+        &Bytes::from_static(b"\x0a\x00"),
+        None,
+        10,
+        200,
+    )
+    .await;
+    let (d50, p50, f50) = (
+        pct(&mut r[0], 0.5),
+        pct(&mut r[1], 0.5),
+        pct(&mut plain[0], 0.5),
+    );
+    let (d99, p99, f99) = (
+        pct(&mut r[0], 0.99),
+        pct(&mut r[1], 0.99),
+        pct(&mut plain[0], 0.99),
+    );
+    println!(
+        "| PullImage, cached token, p50 / p99 | {} / {} | {} / {} | {:.2} |",
+        us(d50),
+        us(d99),
+        us(p50),
+        us(p99),
+        p50.as_secs_f64() / d50.as_secs_f64()
+    );
+    println!(
+        "| proxied ImageStatus (forwarded as is) vs proxied PullImage (read + rewrite), p50 / p99 | {} / {} | {} / {} | {:.2} |",
+        us(f50), us(f99), us(p50), us(p99), p50.as_secs_f64() / f50.as_secs_f64()
+    );
+
+    // Cold cache: a fresh proxy's first pull fetches a token from moto.
+    let pdir = dir.path().join("p3");
+    std::fs::create_dir_all(&pdir).unwrap();
+    let cold = ProxyProcess::start(
+        &pdir,
+        &upstream.socket,
+        ProxyOptions {
+            env: moto.env(),
+            args: vec!["--log-level", "warn"],
+            ..Default::default()
+        },
+    );
+    let first = call(
+        cold.channel(),
+        "/runtime.v1.ImageService/PullImage",
+        &pull,
+        None,
+    )
+    .await;
+    let second = call(
+        cold.channel(),
+        "/runtime.v1.ImageService/PullImage",
+        &pull,
+        None,
+    )
+    .await;
+    println!(
+        "| PullImage, cold cache (SDK start + moto call), first / second | | {} / {} | |",
+        us(first),
+        us(second)
+    );
+
+    // === memory and start-up ===
+    let idle = proxy2.rss_kib().0;
+    let mut starts = Vec::new();
+    for i in 0..10 {
+        let sdir = dir.path().join(format!("s{i}"));
+        std::fs::create_dir_all(&sdir).unwrap();
+        let sock = sdir.join("p.sock");
+        let started = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"))
+            .args([
+                "--listen",
+                sock.to_str().unwrap(),
+                "--upstream",
+                upstream.socket.to_str().unwrap(),
+                "--config",
+                "/dev/null",
+                "--log-level",
+                "warn",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        starts.push(started.elapsed());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let start_p50 = pct(&mut starts, 0.5);
+    let fresh = ProxyProcess::start(
+        &dir.path().join("s0"),
+        &upstream.socket,
+        ProxyOptions {
+            args: vec!["--log-level", "warn"],
+            listen: Some(dir.path().join("s0/f.sock")),
+            ..Default::default()
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!("\n## Memory and start-up\n");
+    println!("| measure | value |\n| --- | --- |");
+    println!(
+        "| RSS idle, fresh start | {:.1} MiB |",
+        fresh.rss_kib().0 as f64 / 1024.0
+    );
+    println!(
+        "| RSS idle, after the runs above (SDK loaded, token cached) | {:.1} MiB |",
+        idle as f64 / 1024.0
+    );
+    println!(
+        "| RSS under 256 concurrent callers | {:.1} MiB |",
+        peak_rss as f64 / 1024.0
+    );
+    println!(
+        "| start to socket accepting, p50 of 10 | {:.1} ms |",
+        start_p50.as_secs_f64() * 1e3
+    );
+    drop(containerd);
+}
