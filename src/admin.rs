@@ -16,6 +16,9 @@ use crate::config::MetricsListen;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 
+/// Mode of a Unix metrics socket.
+pub const METRICS_SOCKET_MODE: u32 = 0o660;
+
 /// Content type of `/metrics`.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -23,37 +26,42 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 pub enum AdminListener {
     /// On TCP.
     Tcp(tokio::net::TcpListener),
-    /// On a Unix socket (mode 0660, like the CRI socket).
-    Unix(tokio::net::UnixListener, std::path::PathBuf),
+    /// On a Unix socket.
+    Unix(tokio::net::UnixListener),
 }
 
 /// Why the endpoint could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen for metrics on {addr}")]
-pub struct AdminError {
-    addr: String,
-    #[source]
-    source: std::io::Error,
+pub enum AdminError {
+    /// The TCP address could not be bound.
+    #[error("cannot listen for metrics on {addr}")]
+    Tcp {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Unix socket could not be set up (same rules as the CRI socket).
+    #[error("cannot listen for metrics")]
+    Unix(#[source] crate::server::ServerError),
 }
 
 /// Binds `addr`.
 pub async fn bind(addr: &MetricsListen) -> Result<AdminListener, AdminError> {
-    let err = |source| AdminError {
-        addr: addr.to_string(),
-        source,
-    };
     match addr {
         MetricsListen::Tcp(a) => tokio::net::TcpListener::bind(a)
             .await
             .map(AdminListener::Tcp)
-            .map_err(err),
-        MetricsListen::Unix(p) => {
-            let _ = std::fs::remove_file(p);
-            let l = tokio::net::UnixListener::bind(p).map_err(err)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
-            Ok(AdminListener::Unix(l, p.clone()))
-        }
+            .map_err(|source| AdminError::Tcp {
+                addr: addr.to_string(),
+                source,
+            }),
+        // The same care as the CRI socket: stale sockets replaced, live ones
+        // and other files left alone, created with its final mode.
+        MetricsListen::Unix(p) => crate::server::bind(p, METRICS_SOCKET_MODE, None)
+            .map(|l| AdminListener::Unix(l.into_listener()))
+            .map_err(AdminError::Unix),
     }
 }
 
@@ -65,7 +73,7 @@ pub async fn serve(listener: AdminListener, proxy: Proxy, metrics: Arc<Metrics>)
                 .accept()
                 .await
                 .map(|(s, _)| Box::new(s) as Box<dyn IoStream>),
-            AdminListener::Unix(l, _) => l
+            AdminListener::Unix(l) => l
                 .accept()
                 .await
                 .map(|(s, _)| Box::new(s) as Box<dyn IoStream>),

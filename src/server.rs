@@ -69,6 +69,12 @@ impl Listening {
         &self.path
     }
 
+    /// The listener, for a server of another protocol on the same kind of
+    /// socket (the metrics endpoint).
+    pub fn into_listener(self) -> UnixListener {
+        self.listener
+    }
+
     /// Removes the socket file, unless another process has replaced it.
     fn remove(&self) {
         match std::fs::symlink_metadata(&self.path) {
