@@ -13,8 +13,7 @@ use aws_credential_types::provider::ProvideCredentials;
 use crate::config::Config;
 use crate::credentials::Resolver;
 use crate::ecr::aws::{load_sdk_config, AwsSource};
-use crate::ecr::{CredentialSource, EcrHost};
-use crate::image_ref::ImageRef;
+use crate::ecr::CredentialSource;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
 
@@ -206,18 +205,11 @@ async fn image_check(r: &mut Report, config: &Config, image: &str) {
         r.line("image", format!("{image}: no token: {why}"));
         return;
     };
-    let account = ImageRef::parse(image)
-        .and_then(|i| EcrHost::parse(i.host()))
-        .map(|h| h.account)
-        .or_else(|| {
-            config
-                .credentials
-                .registries
-                .iter()
-                .find(|e| e.patterns.iter().any(|p| p.as_str() == target.pattern))
-                .map(|e| e.registry.account.clone())
-        })
-        .unwrap_or_else(|| "-".into());
+    let account = if target.account.is_empty() {
+        "-".to_owned()
+    } else {
+        target.account.clone()
+    };
     r.line(
         "image",
         format!(

@@ -18,6 +18,9 @@ pub struct Target {
     pub image_host: String,
     /// The cache key (its region is the one asked).
     pub key: TokenKey,
+    /// The account of the registry whose token is used (empty for ECR
+    /// Public).
+    pub account: String,
     /// The pattern that matched.
     pub pattern: String,
     /// When no token can be had, pull anonymously instead of failing (ECR
@@ -62,18 +65,13 @@ impl Resolver {
     /// match.
     pub fn target(&self, image: &str) -> Option<Target> {
         let r = ImageRef::parse(image)?;
-        // kubelet compares the pattern's path against the image's path with
-        // its tag (`URLsMatchStr` on the whole reference).
-        let path = match (&r.tag, &r.digest) {
-            (Some(t), _) => format!("{}:{t}", r.path),
-            (None, Some(d)) => format!("{}@{d}", r.path),
-            (None, None) => r.path.clone(),
-        };
+        let path = match_path(&r);
         for rule in &self.config.registries {
             if let Some(p) = rule.patterns.iter().find(|p| p.matches(&r.domain, &path)) {
                 return Some(Target {
                     image_host: r.domain.clone(),
                     key: TokenKey::for_host(&rule.registry, rule.role.clone()),
+                    account: rule.registry.account.clone(),
                     pattern: p.as_str().to_owned(),
                     anonymous_on_failure: false,
                 });
@@ -83,6 +81,7 @@ impl Resolver {
             return Some(Target {
                 image_host: r.domain.clone(),
                 key: TokenKey::public(),
+                account: String::new(),
                 pattern: ECR_PUBLIC_HOST.to_owned(),
                 anonymous_on_failure: true,
             });
@@ -98,6 +97,7 @@ impl Resolver {
         Some(Target {
             image_host: r.domain.clone(),
             key: TokenKey::for_host(&host, None),
+            account: host.account.clone(),
             pattern: p.as_str().to_owned(),
             anonymous_on_failure: false,
         })
@@ -116,7 +116,7 @@ impl Resolver {
                 "{ECR_PUBLIC_HOST} gets a token only with ecr_public = true"
             ));
         }
-        let path = format!("{}:{}", r.path, r.tag.as_deref().unwrap_or("latest"));
+        let path = match_path(&r);
         if let Some(p) = self
             .config
             .ecr_patterns
@@ -148,6 +148,16 @@ impl Resolver {
         target: &Target,
     ) -> Result<(Credentials, CacheOutcome), SourceError> {
         self.cache.get(&target.key).await
+    }
+}
+
+/// What kubelet compares a pattern's path against: the image's path with
+/// its tag or digest (`URLsMatchStr` on the whole reference).
+fn match_path(r: &ImageRef) -> String {
+    match (&r.tag, &r.digest) {
+        (Some(t), _) => format!("{}:{t}", r.path),
+        (None, Some(d)) => format!("{}@{d}", r.path),
+        (None, None) => r.path.clone(),
     }
 }
 

@@ -303,7 +303,7 @@ impl TokenCache {
         }
     }
 
-    /// Seconds until each cached token stops being used, by key.
+    /// ECR's `expiresAt` of each cached token, by key.
     pub fn expiries(&self) -> Vec<(TokenKey, SystemTime)> {
         self.slots
             .iter()
