@@ -474,7 +474,7 @@ impl Proxy {
                         image = %image,
                         registry = %target.image_host,
                         error = %error_chain(&err),
-                        "no token; pulling anonymously"
+                        "no token; forwarding the pull without one (anonymous unless the caller sent credentials)"
                     );
                     let record =
                         PullRecord::new(image, Some(target), CredentialSourceKind::None, None);

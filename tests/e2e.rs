@@ -251,7 +251,6 @@ async fn containerd_restart_needs_no_proxy_restart() {
     );
 
     s.containerd.restart();
-    support::eventually(Duration::from_secs(10), "containerd back", || true).await;
     c.image_fs_info(cri::ImageFsInfoRequest {})
         .await
         .expect("works again without a proxy restart");
@@ -397,7 +396,7 @@ async fn ecr_public_gets_a_token_when_enabled_and_goes_anonymous_without_one() {
     );
     assert!(fake.calls() >= 2);
     assert!(
-        failing.logs().contains("pulling anonymously"),
+        failing.logs().contains("forwarding the pull without one"),
         "{}",
         failing.logs()
     );
@@ -516,7 +515,12 @@ async fn metrics_and_health_follow_pulls_and_containerd() {
     );
     assert_eq!(scrape(&addr, "/healthz").0, 200);
     s.containerd.restart();
-    assert_eq!(scrape(&addr, "/readyz").0, 200);
+    // containerd accepts on its socket a moment before its CRI service
+    // answers; /readyz follows the answer, not the socket.
+    support::eventually(Duration::from_secs(15), "/readyz to be ready again", || {
+        scrape(&addr, "/readyz").0 == 200
+    })
+    .await;
     assert_eq!(
         sample(&scrape(&addr, "/metrics").1, "ecr_pull_proxy_upstream_up"),
         Some(1.0)

@@ -323,11 +323,10 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             .unwrap();
         self.child = Some(child);
         let sock = self.socket.clone();
-        let logfile = self.dir.join("log");
         wait_until(Duration::from_secs(30), "containerd to listen", || {
             sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
-        let _ = logfile;
+        wait_cri_ready(&sock);
     }
 
     /// Kills containerd (SIGKILL, like a crash).
@@ -341,6 +340,40 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         self.kill();
         self.spawn();
     }
+}
+
+/// containerd accepts on its socket a moment before its CRI service answers:
+/// wait until `ImageFsInfo` succeeds. Runs its own runtime on a thread, so
+/// it works from sync and async tests alike.
+fn wait_cri_ready(sock: &Path) {
+    let sock = sock.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let mut c = ecr_pull_proxy::cri::image_service_client::ImageServiceClient::new(
+                    super::channel(&sock),
+                );
+                if c.image_fs_info(ecr_pull_proxy::cri::ImageFsInfoRequest {})
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "containerd's CRI service never answered"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    })
+    .join()
+    .unwrap();
 }
 
 impl Drop for Containerd {
