@@ -13,12 +13,12 @@ fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
 }
 
-/// The backticked first cells of the table under `### Config file keys`.
-fn readme_config_keys(readme: &str) -> Vec<String> {
+/// The backticked first cells of the first table under `heading`.
+fn first_column(readme: &str, heading: &str) -> Vec<String> {
     let section = readme
-        .split("### Config file keys")
+        .split(heading)
         .nth(1)
-        .expect("config keys section");
+        .unwrap_or_else(|| panic!("README has no {heading}"));
     section
         .lines()
         .skip_while(|l| !l.starts_with('|'))
@@ -37,38 +37,16 @@ fn readme_config_keys(readme: &str) -> Vec<String> {
 
 #[test]
 fn readme_lists_exactly_the_config_keys() {
-    let mut documented = readme_config_keys(&readme());
+    let mut documented = first_column(&readme(), "### Config file keys");
     let mut keys: Vec<String> = CONFIG_KEYS.iter().map(|k| k.to_string()).collect();
     documented.sort();
     keys.sort();
     assert_eq!(documented, keys);
 }
 
-/// The backticked first cells of the table under `## Metrics and health`.
-fn readme_metric_families(readme: &str) -> Vec<String> {
-    let section = readme
-        .split("## Metrics and health")
-        .nth(1)
-        .expect("metrics section");
-    section
-        .lines()
-        .skip_while(|l| !l.starts_with('|'))
-        .take_while(|l| l.starts_with('|'))
-        .skip(2)
-        .map(|l| {
-            l.split('|')
-                .nth(1)
-                .unwrap()
-                .trim()
-                .trim_matches('`')
-                .to_owned()
-        })
-        .collect()
-}
-
 #[test]
 fn readme_lists_exactly_the_metric_families() {
-    let mut documented = readme_metric_families(&readme());
+    let mut documented = first_column(&readme(), "## Metrics and health");
     let mut families: Vec<String> = ecr_pull_proxy::metrics::FAMILIES
         .iter()
         .map(|f| f.to_string())

@@ -46,10 +46,28 @@ impl Codec for RawCodec {
     }
 }
 
-fn grpc(channel: Channel) -> tonic::client::Grpc<Channel> {
+fn grpc(channel: Channel, limit: usize) -> tonic::client::Grpc<Channel> {
     tonic::client::Grpc::new(channel)
-        .max_decoding_message_size(super::MAX_MESSAGE)
-        .max_encoding_message_size(super::MAX_MESSAGE)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit)
+}
+
+async fn unary_with_limit(
+    channel: Channel,
+    path: &str,
+    req: Request<Bytes>,
+    limit: usize,
+) -> Result<Response<Bytes>, Status> {
+    let mut g = grpc(channel, limit);
+    g.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    g.unary(
+        req,
+        PathAndQuery::try_from(path.to_owned()).unwrap(),
+        RawCodec,
+    )
+    .await
 }
 
 /// A unary call with raw bytes and no client-side size limit, to send what
@@ -59,36 +77,16 @@ pub async fn unary_unlimited(
     path: &str,
     req: Request<Bytes>,
 ) -> Result<Response<Bytes>, Status> {
-    let mut g = tonic::client::Grpc::new(channel)
-        .max_encoding_message_size(usize::MAX)
-        .max_decoding_message_size(usize::MAX);
-    g.ready()
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    g.unary(
-        req,
-        PathAndQuery::try_from(path.to_owned()).unwrap(),
-        RawCodec,
-    )
-    .await
+    unary_with_limit(channel, path, req, usize::MAX).await
 }
 
-/// A unary call with raw bytes.
+/// A unary call with raw bytes, with kubelet's message limits.
 pub async fn unary(
     channel: Channel,
     path: &str,
     req: Request<Bytes>,
 ) -> Result<Response<Bytes>, Status> {
-    let mut g = grpc(channel);
-    g.ready()
-        .await
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    g.unary(
-        req,
-        PathAndQuery::try_from(path.to_owned()).unwrap(),
-        RawCodec,
-    )
-    .await
+    unary_with_limit(channel, path, req, super::MAX_MESSAGE).await
 }
 
 /// A server-streaming call with raw bytes.
@@ -97,7 +95,7 @@ pub async fn server_streaming(
     path: &str,
     req: Request<Bytes>,
 ) -> Result<Response<Streaming<Bytes>>, Status> {
-    let mut g = grpc(channel);
+    let mut g = grpc(channel, super::MAX_MESSAGE);
     g.ready()
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;

@@ -78,17 +78,7 @@ impl Stack {
         config: &str,
         env: Vec<(&'static str, String)>,
     ) -> ProxyProcess {
-        let pdir = self.dir.path().join(name);
-        std::fs::create_dir_all(&pdir).unwrap();
-        ProxyProcess::start(
-            &pdir,
-            &self.containerd.socket,
-            ProxyOptions {
-                config: Some(config),
-                env,
-                ..Default::default()
-            },
-        )
+        self.proxy_with_env_args(name, config, env, vec![])
     }
 
     pub fn direct(&self) -> Channel {
