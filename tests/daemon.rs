@@ -127,17 +127,8 @@ fn ready_is_sent_to_systemd_once_listening() {
     let rx = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
     rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let sock = dir.path().join("p.sock");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"))
-        .args([
-            "--listen",
-            sock.to_str().unwrap(),
-            "--upstream",
-            "/nonexistent.sock",
-            "--config",
-            "/dev/null",
-        ])
+    let mut child = support::bare_proxy(&sock)
         .env("NOTIFY_SOCKET", &notify)
-        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut buf = [0u8; 256];
@@ -243,17 +234,8 @@ fn json_logs_are_one_object_per_line() {
     let dir = support::short_tempdir();
     let sock = dir.path().join("p.sock");
     let log = dir.path().join("log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"))
-        .args([
-            "--listen",
-            sock.to_str().unwrap(),
-            "--upstream",
-            "/nonexistent.sock",
-            "--config",
-            "/dev/null",
-            "--log-format",
-            "json",
-        ])
+    let mut child = support::bare_proxy(&sock)
+        .args(["--log-format", "json"])
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();

@@ -30,18 +30,7 @@ fn socket_is_never_more_open_than_its_mode() {
                 }
             })
         };
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"))
-            .args([
-                "--listen",
-                sock.to_str().unwrap(),
-                "--upstream",
-                "/nonexistent.sock",
-                "--config",
-                "/dev/null",
-            ])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = support::bare_proxy(&sock).spawn().unwrap();
         support::wait_until(Duration::from_secs(10), "proxy to listen", || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });

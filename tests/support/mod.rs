@@ -226,6 +226,23 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// The proxy binary listening on `sock` with no upstream and no config
+/// file, stderr discarded: for daemon tests that spawn it by hand (to set a
+/// notify socket, a umask, a log format). Add to it, then spawn.
+pub fn bare_proxy(sock: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ecr-pull-proxy"));
+    cmd.args([
+        "--listen",
+        sock.to_str().unwrap(),
+        "--upstream",
+        "/nonexistent.sock",
+        "--config",
+        "/dev/null",
+    ])
+    .stderr(Stdio::null());
+    cmd
+}
+
 /// Runs the proxy binary with `args` to completion (for start-up failures).
 pub fn run_proxy_to_exit(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
     run_with_env(args, &[], timeout)
