@@ -137,11 +137,6 @@ impl Resolver {
         ))
     }
 
-    /// The configuration this resolver applies.
-    pub fn config(&self) -> &CredentialsConfig {
-        &self.config
-    }
-
     /// Credentials for `target`.
     pub async fn credentials(
         &self,

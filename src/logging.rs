@@ -10,14 +10,7 @@ use crate::config::{LogFormat, LogLevel};
 
 /// Installs the global subscriber, writing to stderr.
 pub fn init(level: LogLevel, format: LogFormat) {
-    let level = match level {
-        LogLevel::Error => "error",
-        LogLevel::Warn => "warn",
-        LogLevel::Info => "info",
-        LogLevel::Debug => "debug",
-        LogLevel::Trace => "trace",
-    };
-    let filter = EnvFilter::new(format!("warn,ecr_pull_proxy={level}"));
+    let filter = EnvFilter::new(format!("warn,ecr_pull_proxy={}", level.as_str()));
     // Colours only on a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -238,11 +238,7 @@ impl Upstream {
                 .collect()
                 .await
                 .map_err(|e| self.unavailable(e.into()))?;
-            let status = collected
-                .trailers()
-                .and_then(Status::from_header_map)
-                .or_else(|| Status::from_header_map(&head.headers));
-            match status {
+            match final_status(&head.headers, collected.trailers()) {
                 Some(s) if s.code() == Code::Ok => Ok(()),
                 Some(s) => Err(self.unavailable(
                     format!("ImageFsInfo answered {:?}: {}", s.code(), s.message()).into(),
@@ -347,13 +343,18 @@ impl Proxy {
         observe(response, method, started, pull, self.inner.metrics.clone())
     }
 
-    async fn forward(
+    async fn forward(&self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, ProxyError> {
+        Ok(self.send_upstream(req).await?.map(boxed))
+    }
+
+    /// Sends to the upstream as it is, but with the absolute URI hyper's
+    /// HTTP/2 client needs.
+    async fn send_upstream(
         &self,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<Incoming>, ProxyError> {
         ensure_absolute_uri(&mut req);
-        let resp = self.inner.upstream.send(req).await?;
-        Ok(resp.map(boxed))
+        self.inner.upstream.send(req).await
     }
 
     /// Reads the request, decides on credentials and forwards it. Returns
@@ -562,9 +563,9 @@ impl Proxy {
         body: Bytes,
         trailers: Option<HeaderMap>,
     ) -> Result<(http::response::Parts, Collected<Bytes>), ProxyError> {
-        let mut req = Self::request_from(parts, body, trailers);
-        ensure_absolute_uri(&mut req);
-        let resp = self.inner.upstream.send(req).await?;
+        let resp = self
+            .send_upstream(Self::request_from(parts, body, trailers))
+            .await?;
         let (head, body) = resp.into_parts();
         let collected = Limited::new(body, MAX_MESSAGE_SIZE + GRPC_HEADER_LEN)
             .collect()
@@ -577,14 +578,21 @@ impl Proxy {
     }
 }
 
+/// The final status of a gRPC answer: in the trailers, or in the headers of
+/// a trailers-only answer.
+fn final_status(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<Status> {
+    trailers
+        .and_then(Status::from_header_map)
+        .or_else(|| Status::from_header_map(headers))
+}
+
 /// Whether containerd's answer says the registry refused the credentials.
 /// containerd reports this inside an `Unknown` status with wording that
 /// differs across versions and code paths.
 pub fn is_registry_refusal(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> bool {
-    let status = trailers
-        .and_then(Status::from_header_map)
-        .or_else(|| Status::from_header_map(headers));
-    let Some(status) = status else { return false };
+    let Some(status) = final_status(headers, trailers) else {
+        return false;
+    };
     if !matches!(
         status.code(),
         Code::Unknown | Code::Unauthenticated | Code::PermissionDenied
