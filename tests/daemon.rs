@@ -6,10 +6,8 @@ mod support;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::Duration;
 
-use bytes::Bytes;
 use support::scripted::ScriptedUpstream;
 use support::{raw, run_proxy_to_exit, ProxyOptions, ProxyProcess};
-use tonic::Request;
 
 const EXIT_USAGE: i32 = 64;
 
@@ -70,13 +68,7 @@ async fn stale_socket_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
     let proxy = ProxyProcess::start(dir.path(), &upstream.socket, ProxyOptions::default());
-    raw::unary(
-        proxy.channel(),
-        "/runtime.v1.ImageService/ImageFsInfo",
-        Request::new(Bytes::new()),
-    )
-    .await
-    .unwrap();
+    raw::image_fs_info(proxy.channel()).await.unwrap();
     assert!(proxy.logs().contains("removing stale socket"));
 }
 

@@ -197,14 +197,7 @@ async fn unknown_methods_reach_upstream_which_answers_unimplemented() {
 async fn stream_images_streams_many_messages() {
     let s = setup().await;
     let req = with_script(Bytes::new(), "stream:5000");
-    let mut stream = raw::server_streaming(
-        s.proxy.channel(),
-        "/runtime.v1.ImageService/StreamImages",
-        req,
-    )
-    .await
-    .unwrap()
-    .into_inner();
+    let mut stream = raw::stream_images(s.proxy.channel(), req).await;
     let mut n = 0;
     while let Some(m) = stream.message().await.unwrap() {
         assert_eq!(m, format!("message-{n}").as_bytes());
@@ -327,13 +320,7 @@ async fn upstream_down_is_unavailable_naming_the_socket_and_recovers() {
     let dir = support::short_tempdir();
     let up = dir.path().join("up.sock");
     let proxy = ProxyProcess::start(dir.path(), &up, ProxyOptions::default());
-    let err = raw::unary(
-        proxy.channel(),
-        "/runtime.v1.ImageService/ImageFsInfo",
-        Request::new(Bytes::new()),
-    )
-    .await
-    .unwrap_err();
+    let err = raw::image_fs_info(proxy.channel()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(
         err.message().contains(up.to_str().unwrap()),
@@ -342,31 +329,13 @@ async fn upstream_down_is_unavailable_naming_the_socket_and_recovers() {
     );
 
     let upstream = ScriptedUpstream::start(&up).await;
-    raw::unary(
-        proxy.channel(),
-        "/runtime.v1.ImageService/ImageFsInfo",
-        Request::new(Bytes::new()),
-    )
-    .await
-    .unwrap();
+    raw::image_fs_info(proxy.channel()).await.unwrap();
     // Upstream restarts: the proxy re-dials.
     upstream.stop().await;
-    let err = raw::unary(
-        proxy.channel(),
-        "/runtime.v1.ImageService/ImageFsInfo",
-        Request::new(Bytes::new()),
-    )
-    .await
-    .unwrap_err();
+    let err = raw::image_fs_info(proxy.channel()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     let _upstream = ScriptedUpstream::start(&up).await;
-    raw::unary(
-        proxy.channel(),
-        "/runtime.v1.ImageService/ImageFsInfo",
-        Request::new(Bytes::new()),
-    )
-    .await
-    .unwrap();
+    raw::image_fs_info(proxy.channel()).await.unwrap();
 }
 
 #[tokio::test]
@@ -411,13 +380,7 @@ async fn garbage_and_http1_close_only_that_connection() {
             .expect("connection closed")
             .ok();
         // And keeps serving everyone else.
-        raw::unary(
-            s.proxy.channel(),
-            "/runtime.v1.ImageService/ImageFsInfo",
-            Request::new(Bytes::new()),
-        )
-        .await
-        .unwrap();
+        raw::image_fs_info(s.proxy.channel()).await.unwrap();
     }
     let logs = s.proxy.logs();
     assert_eq!(
@@ -453,13 +416,7 @@ async fn pull_image_over_the_limit_is_resource_exhausted_and_never_forwarded() {
     assert!(err.message().contains("16777216"), "{}", err.message());
     assert!(s.upstream.calls().is_empty());
     // And the daemon keeps serving.
-    raw::unary(
-        s.proxy.channel(),
-        "/runtime.v1.ImageService/ImageFsInfo",
-        Request::new(Bytes::new()),
-    )
-    .await
-    .unwrap();
+    raw::image_fs_info(s.proxy.channel()).await.unwrap();
 }
 
 #[tokio::test]
@@ -489,14 +446,7 @@ async fn malformed_pull_image_is_forwarded_unchanged() {
 async fn client_leaving_mid_stream_cancels_the_upstream_stream() {
     let s = setup().await;
     let req = with_script(Bytes::new(), "trickle:1000");
-    let mut stream = raw::server_streaming(
-        s.proxy.channel(),
-        "/runtime.v1.ImageService/StreamImages",
-        req,
-    )
-    .await
-    .unwrap()
-    .into_inner();
+    let mut stream = raw::stream_images(s.proxy.channel(), req).await;
     for i in 0..3 {
         assert_eq!(
             stream.message().await.unwrap().unwrap(),

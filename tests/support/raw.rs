@@ -106,3 +106,21 @@ pub async fn server_streaming(
     )
     .await
 }
+
+/// An empty `ImageFsInfo`: the call tests use to ask "is it still serving?".
+pub async fn image_fs_info(channel: Channel) -> Result<Response<Bytes>, Status> {
+    unary(
+        channel,
+        "/runtime.v1.ImageService/ImageFsInfo",
+        Request::new(Bytes::new()),
+    )
+    .await
+}
+
+/// Opens a `StreamImages` stream.
+pub async fn stream_images(channel: Channel, req: Request<Bytes>) -> Streaming<Bytes> {
+    server_streaming(channel, "/runtime.v1.ImageService/StreamImages", req)
+        .await
+        .unwrap()
+        .into_inner()
+}
