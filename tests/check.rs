@@ -11,21 +11,27 @@ use support::stack::*;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-#[test]
-fn check_passes_on_a_working_node_and_explains_the_image() {
-    let s = Stack::start(&[ECR_HOST]);
-    let upstream = s.containerd.socket.to_str().unwrap().to_owned();
-    let image = format!("{ECR_HOST}/app:v1");
+/// `ecr-pull-proxy check` with no config file, against `upstream`, for
+/// `image`, in `env`.
+fn check(upstream: &str, image: &str, env: &[(&str, String)]) -> (Option<i32>, String) {
     let args = [
         "check",
         "--config",
         "/dev/null",
         "--upstream",
-        &upstream,
+        upstream,
         "--image",
-        &image,
+        image,
     ];
-    let (code, out) = run_with_env(&args, &s.moto.env(), TIMEOUT);
+    run_with_env(&args, env, TIMEOUT)
+}
+
+#[test]
+fn check_passes_on_a_working_node_and_explains_the_image() {
+    let s = Stack::start(&[ECR_HOST]);
+    let upstream = s.containerd.socket.to_str().unwrap().to_owned();
+    let image = format!("{ECR_HOST}/app:v1");
+    let (code, out) = check(&upstream, &image, &s.moto.env());
     assert_eq!(code, Some(0), "{out}");
     for needle in [
         "answers ImageFsInfo",
@@ -47,16 +53,7 @@ fn check_passes_on_a_working_node_and_explains_the_image() {
 
     // An image that gets no token: the line says why, and it is not a problem.
     let other = format!("{ECR_HOST}.evil.example/app:v1");
-    let args = [
-        "check",
-        "--config",
-        "/dev/null",
-        "--upstream",
-        &upstream,
-        "--image",
-        &other,
-    ];
-    let (code, out) = run_with_env(&args, &s.moto.env(), TIMEOUT);
+    let (code, out) = check(&upstream, &other, &s.moto.env());
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("no token: host 123456789012.dkr.ecr.us-east-1.amazonaws.com.evil.example matches no pattern"), "{out}");
 }
@@ -67,16 +64,7 @@ fn check_names_each_problem_on_one_line() {
     let image = format!("{ECR_HOST}/app:v1");
 
     // An unreachable upstream.
-    let args = [
-        "check",
-        "--config",
-        "/dev/null",
-        "--upstream",
-        "/nonexistent/c.sock",
-        "--image",
-        &image,
-    ];
-    let (code, out) = run_with_env(&args, &s.moto.env(), TIMEOUT);
+    let (code, out) = check("/nonexistent/c.sock", &image, &s.moto.env());
     assert_eq!(code, Some(1), "{out}");
     let problems: Vec<&str> = out.lines().filter(|l| l.starts_with("problem: ")).collect();
     assert_eq!(problems.len(), 1, "{out}");
@@ -89,16 +77,7 @@ fn check_names_each_problem_on_one_line() {
     // An identity that cannot get a token: no credentials at all.
     let upstream = s.containerd.socket.to_str().unwrap().to_owned();
     let env = vec![("AWS_ENDPOINT_URL", format!("http://{}", s.moto.addr))];
-    let args = [
-        "check",
-        "--config",
-        "/dev/null",
-        "--upstream",
-        &upstream,
-        "--image",
-        &image,
-    ];
-    let (code, out) = run_with_env(&args, &env, TIMEOUT);
+    let (code, out) = check(&upstream, &image, &env);
     assert_eq!(code, Some(1), "{out}");
     let problems: Vec<&str> = out.lines().filter(|l| l.starts_with("problem: ")).collect();
     assert_eq!(problems.len(), 2, "{out}");
