@@ -35,7 +35,10 @@ fn main() -> ExitCode {
         return check(&config, image.as_deref());
     }
     ecr_pull_proxy::logging::init(config.log_level, config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: a call costs the proxy microseconds, and on one thread the
+    // tasks of a call (client connection, call, upstream connection) hand
+    // over without cross-thread wake-ups, which cost more than the work.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
