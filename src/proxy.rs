@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,8 +17,6 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Collected, Full, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
@@ -34,6 +33,9 @@ pub const PULL_IMAGE_PATH: &str = "/runtime.v1.ImageService/PullImage";
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// HTTP/2 flow-control window per connection, both sides.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest header block accepted, both sides (containerd's error details can
+/// be large).
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024 * 1024;
 /// How long dialling the upstream socket (connect + HTTP/2 handshake) may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -129,11 +131,23 @@ where
 
 /// The upstream connection: dialled on first use, re-dialled after it closes
 /// (containerd restarted), shared by all calls.
+///
+/// It speaks HTTP/2 through the `h2` crate directly rather than through
+/// hyper's client: a request's headers and its body (already whole when a
+/// unary call reaches us) are queued together, so they leave in one write,
+/// and no task is spawned per call.
 pub struct Upstream {
     path: PathBuf,
-    sender: Mutex<Option<SendRequest<ProxyBody>>>,
+    sender: Mutex<Option<Connection>>,
     dial: tokio::sync::Mutex<()>,
     up: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// One established upstream connection.
+#[derive(Clone)]
+struct Connection {
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 impl Upstream {
@@ -153,51 +167,56 @@ impl Upstream {
         &self.path
     }
 
-    fn cached(&self) -> Option<SendRequest<ProxyBody>> {
+    fn cached(&self) -> Option<Connection> {
         let guard = self.sender.lock().expect("upstream lock");
-        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+        guard
+            .as_ref()
+            .filter(|c| !c.closed.load(Ordering::Acquire))
+            .cloned()
     }
 
-    async fn sender(&self) -> Result<SendRequest<ProxyBody>, ProxyError> {
-        if let Some(s) = self.cached() {
-            return Ok(s);
+    async fn connection(&self) -> Result<Connection, ProxyError> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
         }
         let _dialling = self.dial.lock().await;
-        if let Some(s) = self.cached() {
-            return Ok(s);
+        if let Some(c) = self.cached() {
+            return Ok(c);
         }
-        let sender = tokio::time::timeout(DIAL_TIMEOUT, self.dial())
+        let conn = tokio::time::timeout(DIAL_TIMEOUT, self.dial())
             .await
             .map_err(|_| {
                 self.unavailable(
                     format!("no HTTP/2 handshake within {}s", DIAL_TIMEOUT.as_secs()).into(),
                 )
             })??;
-        *self.sender.lock().expect("upstream lock") = Some(sender.clone());
-        Ok(sender)
+        *self.sender.lock().expect("upstream lock") = Some(conn.clone());
+        Ok(conn)
     }
 
-    async fn dial(&self) -> Result<SendRequest<ProxyBody>, ProxyError> {
+    async fn dial(&self) -> Result<Connection, ProxyError> {
         let stream = tokio::net::UnixStream::connect(&self.path)
             .await
             .map_err(|e| self.unavailable(e.into()))?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_header_list_size(16 * 1024 * 1024)
-            .handshake(TokioIo::new(stream))
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| self.unavailable(e.into()))?;
-        let (path, up) = (self.path.clone(), self.up.clone());
+        let closed = Arc::new(AtomicBool::new(false));
+        let (path, up, flag) = (self.path.clone(), self.up.clone(), closed.clone());
         up.set(1);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(upstream = %path.display(), error = &e as &dyn std::error::Error, "upstream connection closed");
             }
+            flag.store(true, Ordering::Release);
             up.set(0);
         });
         tracing::debug!(upstream = %self.path.display(), "dialled upstream");
-        Ok(sender)
+        Ok(Connection { send, closed })
     }
 
     fn unavailable(&self, source: BoxError) -> ProxyError {
@@ -209,16 +228,26 @@ impl Upstream {
     }
 
     /// Sends one request and returns the upstream's response head and body.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.sender().await?;
-        sender
+    pub async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let conn = self.connection().await?;
+        let mut send = conn
+            .send
             .ready()
             .await
             .map_err(|e| self.unavailable(e.into()))?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| self.unavailable(e.into()))
+        let (parts, body) = req.into_parts();
+        let end = body.is_end_stream();
+        let (response, stream) = send
+            .send_request(Request::from_parts(parts, ()), end)
+            .map_err(|e| self.unavailable(e.into()))?;
+        if !end {
+            send_body(body, stream);
+        }
+        let response = response.await.map_err(|e| self.unavailable(e.into()))?;
+        Ok(response.map(UpstreamBody::new))
     }
 
     /// Whether the upstream answers a CRI call now: an `ImageFsInfo` (the
@@ -253,6 +282,130 @@ impl Upstream {
                     format!("ImageFsInfo took longer than {}s", DIAL_TIMEOUT.as_secs()).into(),
                 )
             })?
+    }
+}
+
+/// Sends a request body upstream. The frames already received (all of a
+/// unary request, in practice) are queued at once, behind the headers, so
+/// they share one write; the rest, if any, follows from a task that waits
+/// for flow-control capacity before reading more from the caller.
+fn send_body(mut body: ProxyBody, mut tx: h2::SendStream<Bytes>) {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    loop {
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    let end = body.is_end_stream();
+                    if tx.send_data(data, end).is_err() || end {
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = tx.send_trailers(trailers);
+                    }
+                    return;
+                }
+            },
+            Poll::Ready(Some(Err(_))) => return tx.send_reset(h2::Reason::CANCEL),
+            Poll::Ready(None) => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            Poll::Pending => break,
+        }
+    }
+    tokio::spawn(pump_body(body, tx));
+}
+
+async fn pump_body(mut body: ProxyBody, mut tx: h2::SendStream<Bytes>) {
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(_) => return tx.send_reset(h2::Reason::CANCEL),
+        };
+        let mut data = match frame.into_data() {
+            Ok(d) => d,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = tx.send_trailers(trailers);
+                }
+                return;
+            }
+        };
+        while !data.is_empty() {
+            tx.reserve_capacity(data.len());
+            match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+                Some(Ok(0)) => tokio::task::yield_now().await,
+                Some(Ok(n)) => {
+                    let part = data.split_to(n.min(data.len()));
+                    if tx.send_data(part, false).is_err() {
+                        return;
+                    }
+                }
+                // The upstream reset the stream or the connection is gone.
+                _ => return,
+            }
+        }
+    }
+    let _ = tx.send_data(Bytes::new(), true);
+}
+
+/// An upstream answer's body: data frames (returning flow-control capacity
+/// as each is handed on), then trailers.
+pub struct UpstreamBody {
+    rx: h2::RecvStream,
+    data_done: bool,
+    done: bool,
+}
+
+impl UpstreamBody {
+    fn new(rx: h2::RecvStream) -> Self {
+        UpstreamBody {
+            rx,
+            data_done: false,
+            done: false,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match this.rx.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = this.rx.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => this.data_done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let trailers = std::task::ready!(this.rx.poll_trailers(cx));
+        this.done = true;
+        match trailers {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.rx.is_end_stream()
     }
 }
 
@@ -352,7 +505,7 @@ impl Proxy {
     async fn send_upstream(
         &self,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         ensure_absolute_uri(&mut req);
         self.inner.upstream.send(req).await
     }

@@ -15,7 +15,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use nix::sys::stat::Mode;
 use tokio::net::UnixListener;
 
-use crate::proxy::{Proxy, CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::proxy::{Proxy, CONNECTION_WINDOW, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
 
 /// Mode of the socket's parent directory when the proxy creates it.
 pub const SOCKET_DIR_MODE: u32 = 0o755;
@@ -191,7 +191,7 @@ pub async fn serve(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(16 * 1024 * 1024)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
         // Byte for byte: containerd's answers reach the caller without a
         // `date` header of ours.
         .auto_date_header(false);
