@@ -28,6 +28,9 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Timeout for each AWS call (credentials and token).
 pub const DEFAULT_AWS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a pull waits while a token fetch that failed for a passing
+/// reason (throttling, network, timeout) is retried.
+pub const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(120);
 /// Log level when neither flag nor file sets one.
 pub const DEFAULT_LOG_LEVEL: LogLevel = LogLevel::Info;
 /// Log format when neither flag nor file sets one.
@@ -56,6 +59,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "default_patterns",
     "credential_provider_config",
     "aws_timeout",
+    "token_wait",
     "ecr_public",
     "metrics_listen",
     "registries",
@@ -241,6 +245,8 @@ struct FileConfig {
     credential_provider_config: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     aws_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    token_wait: Option<Duration>,
     ecr_public: Option<bool>,
     metrics_listen: Option<String>,
     #[serde(default)]
@@ -289,6 +295,8 @@ pub struct CredentialsConfig {
     pub existing_credentials: ExistingCredentials,
     /// Timeout for each AWS call.
     pub aws_timeout: Duration,
+    /// How long a pull waits while a failed token fetch is retried.
+    pub token_wait: Duration,
     /// Upper bound on how long a token is cached (kubelet's
     /// `defaultCacheDuration`, when imported).
     pub max_token_age: Option<Duration>,
@@ -462,6 +470,7 @@ impl Config {
                     .existing_credentials
                     .unwrap_or(DEFAULT_EXISTING_CREDENTIALS),
                 aws_timeout,
+                token_wait: file.token_wait.unwrap_or(DEFAULT_TOKEN_WAIT),
                 max_token_age,
                 ecr_public: file.ecr_public.unwrap_or(DEFAULT_ECR_PUBLIC),
             },

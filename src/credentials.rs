@@ -137,12 +137,18 @@ impl Resolver {
         ))
     }
 
-    /// Credentials for `target`.
+    /// Credentials for `target`. A pull that may go on anonymously does
+    /// not wait for retries; others wait up to `token_wait`.
     pub async fn credentials(
         &self,
         target: &Target,
     ) -> Result<(Credentials, CacheOutcome), SourceError> {
-        self.cache.get(&target.key).await
+        let wait = if target.anonymous_on_failure {
+            std::time::Duration::ZERO
+        } else {
+            self.config.token_wait
+        };
+        self.cache.get(&target.key, wait).await
     }
 }
 

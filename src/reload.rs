@@ -69,6 +69,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         "aws_timeout",
         old.credentials.aws_timeout != new.credentials.aws_timeout,
     );
+
     diff(
         "credential_provider_config (defaultCacheDuration)",
         old.credentials.max_token_age != new.credentials.max_token_age,
@@ -85,7 +86,7 @@ mod tests {
         let cli = Cli::try_parse_args(["x"]).unwrap();
         let old = Config::from_toml("", &cli).unwrap();
         let same_sockets = Config::from_toml(
-            "existing_credentials = \"keep\"\ndefault_patterns = false",
+            "existing_credentials = \"keep\"\ndefault_patterns = false\ntoken_wait = \"1s\"",
             &cli,
         )
         .unwrap();

@@ -96,6 +96,11 @@ fn readme_states_the_defaults_the_code_uses() {
         format!("\"{:04o}\"", config::DEFAULT_SOCKET_MODE),
         secs(config::DEFAULT_SHUTDOWN_GRACE),
         secs(config::DEFAULT_AWS_TIMEOUT),
+        secs(config::DEFAULT_TOKEN_WAIT),
+        format!(
+            "within the last {} minutes",
+            cache::RETRY_WHILE_WANTED.as_secs() / 60
+        ),
         format!("`\"{}\"`", config::DEFAULT_EXISTING_CREDENTIALS),
         format!("{} bytes", config::MAX_MESSAGE_SIZE),
         format!("{} minutes", cache::EXPIRY_MARGIN.as_secs() / 60),

@@ -337,7 +337,8 @@ async fn instance_metadata_that_never_answers_fails_within_the_timeout() {
         ("AWS_EC2_METADATA_DISABLED", "false".to_owned()),
         ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds),
     ];
-    let proxy = s.proxy_with_env("p", "aws_timeout = \"2s\"", env);
+    // token_wait 0: the pull does not wait for the retries of the timeout.
+    let proxy = s.proxy_with_env("p", "aws_timeout = \"2s\"\ntoken_wait = \"0s\"", env);
     let image = format!("{ECR_HOST}/app:v1");
     let started = std::time::Instant::now();
     let err = pull(proxy.channel(), &image, None).await.unwrap_err();

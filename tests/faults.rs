@@ -52,7 +52,7 @@ async fn a_cached_token_keeps_pulls_working_while_ecr_misbehaves() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn without_a_token_ecr_faults_fail_fast_naming_the_cause_and_calls_stay_bounded() {
+async fn with_token_wait_zero_ecr_faults_fail_fast_naming_the_cause_and_calls_stay_bounded() {
     let s = Stack::with_password(&[ECR_HOST], PASSWORD);
     let image = format!("{ECR_HOST}/app:v1");
     let cases: [(Behaviour, Code, &str); 4] = [
@@ -74,7 +74,7 @@ async fn without_a_token_ecr_faults_fail_fast_naming_the_cause_and_calls_stay_bo
         fake.set(b);
         let proxy = s.proxy_with_env(
             &format!("p{i}"),
-            "aws_timeout = \"2s\"",
+            "aws_timeout = \"2s\"\ntoken_wait = \"0s\"",
             env_with(&s, &fake.endpoint),
         );
         let started = Instant::now();
@@ -100,17 +100,17 @@ async fn without_a_token_ecr_faults_fail_fast_naming_the_cause_and_calls_stay_bo
             pulls += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Backoff 1, 2, 4 s: at most 4 operations in ~6 s, each at most 3
-        // attempts (the SDK's standard retries).
+        // Backoff 1, 2, 4 s (jittered down to half): at most 5 operations
+        // in ~6 s, each at most 3 attempts (the SDK's standard retries).
         let calls = fake.calls();
-        assert!(calls <= 12, "{b:?}: {calls} calls to AWS for {pulls} pulls");
+        assert!(calls <= 15, "{b:?}: {calls} calls to AWS for {pulls} pulls");
         assert!(pulls >= 20, "{b:?}: only {pulls} pulls");
     }
 
     // An endpoint nobody listens on.
     let proxy = s.proxy_with_env(
         "closed",
-        "aws_timeout = \"2s\"",
+        "aws_timeout = \"2s\"\ntoken_wait = \"0s\"",
         env_with(&s, "http://127.0.0.1:1"),
     );
     let started = Instant::now();
@@ -122,6 +122,67 @@ async fn without_a_token_ecr_faults_fail_fast_naming_the_cause_and_calls_stay_bo
         "{}",
         err.message()
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttled_pull_waits_while_the_proxy_retries_and_then_succeeds() {
+    let s = Stack::with_password(&[ECR_HOST], PASSWORD);
+    s.registry.push_image("app", &["v1"]);
+    let image = format!("{ECR_HOST}/app:v1");
+    let fake = FakeEcr::start(PASSWORD);
+    fake.set(Behaviour::Throttle400);
+    let proxy = s.proxy_with_env(
+        "wait",
+        "aws_timeout = \"2s\"\ntoken_wait = \"30s\"",
+        env_with(&s, &fake.endpoint),
+    );
+    let started = Instant::now();
+    let pulling = tokio::spawn({
+        let (ch, image) = (proxy.channel(), image.clone());
+        async move { pull(ch, &image, None).await }
+    });
+    // ECR throttles for 3 s, then answers again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let throttled = fake.calls();
+    // More than the first fetch's 3 SDK attempts: the proxy retried.
+    assert!(throttled >= 4, "retried while throttled: {throttled} calls");
+    assert!(!pulling.is_finished(), "the pull waits instead of failing");
+    fake.set(Behaviour::Token);
+    pulling
+        .await
+        .unwrap()
+        .expect("the pull succeeds once ECR answers");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(3 + 8),
+        "served at the next retry (backoff at most 8 s by then), waited {waited:?}"
+    );
+    assert!(proxy.logs().contains("retrying while pulls wait"));
+
+    // Throttled for longer than token_wait: the pull fails after the wait,
+    // naming the cause.
+    let fake = FakeEcr::start(PASSWORD);
+    fake.set(Behaviour::Throttle400);
+    let proxy = s.proxy_with_env(
+        "short",
+        "aws_timeout = \"2s\"\ntoken_wait = \"2s\"",
+        env_with(&s, &fake.endpoint),
+    );
+    remove(s.direct(), &image).await;
+    let started = Instant::now();
+    let err = pull(proxy.channel(), &image, None).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_secs(2)..Duration::from_secs(8)).contains(&waited),
+        "failed after {waited:?}"
+    );
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("ThrottlingException"),
+        "{}",
+        err.message()
+    );
+    assert_no_secrets(&proxy.logs());
 }
 
 #[tokio::test(flavor = "multi_thread")]

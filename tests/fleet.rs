@@ -10,12 +10,14 @@
 //! - steady state: 10,000 nodes for 7 days, pulls at random times, node
 //!   restarts, and a 0.1 % rate of AWS 5xx errors;
 //! - mass boot: 10,000 nodes booting within 5 minutes, each pulling at once
-//!   and retrying like kubelet (10 s doubling to 5 min) until it has a token.
+//!   and retrying like kubelet (10 s doubling to 5 min) until it has a token;
+//!   each pull waits up to the default `token_wait` while the cache retries.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use ecr_pull_proxy::config::DEFAULT_TOKEN_WAIT;
 use ecr_pull_proxy::ecr::{
     CredentialSource, EcrService, EndpointVariant, ErrorKind, SourceError, Token, TokenCache,
     TokenKey,
@@ -181,7 +183,7 @@ async fn steady_state_fleet_stays_far_below_the_quota() {
                 if rng.random_bool(1.0 / (7.0 * 12.0)) {
                     cache = node_cache(&api, rng.random());
                 }
-                if cache.get(&key()).await.is_err() {
+                if cache.get(&key(), DEFAULT_TOKEN_WAIT).await.is_err() {
                     *failed.lock().unwrap() += 1;
                 }
                 let gap: f64 = rng.random_range(0.0..4.0 * 3600.0);
@@ -238,7 +240,7 @@ async fn mass_boot_gives_every_node_a_token_within_ten_minutes() {
             // kubelet's image pull backoff: 10 s doubling to 5 min.
             let mut backoff = Duration::from_secs(10);
             loop {
-                if cache.get(&key()).await.is_ok() {
+                if cache.get(&key(), DEFAULT_TOKEN_WAIT).await.is_ok() {
                     waits.lock().unwrap().push(booted.elapsed());
                     return;
                 }
@@ -279,8 +281,15 @@ async fn mass_boot_gives_every_node_a_token_within_ten_minutes() {
         last_empty < served_by,
         "bucket empty at {last_empty} s, after all were served"
     );
-    // Retries stay bounded: the cache backs off, at most 3 SDK attempts each.
-    assert!(api.calls <= 12 * NODES as u64, "{} calls", api.calls);
+    // The target: every node has a token within ten minutes of booting.
+    let slowest = *waits.last().unwrap();
+    assert!(
+        slowest <= Duration::from_secs(600),
+        "slowest node waited {slowest:?}"
+    );
+    // Retries stay bounded: a waiting node retries on the cache's backoff
+    // (1 s doubling to 60 s, jittered), each fetch at most 3 SDK attempts.
+    assert!(api.calls <= 20 * NODES as u64, "{} calls", api.calls);
     // Half the fleet is served within a minute of booting.
     assert!(
         pct(0.5) <= Duration::from_secs(60),

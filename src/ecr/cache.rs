@@ -10,6 +10,12 @@
 //! - Errors are cached with exponential backoff from [`ERROR_BACKOFF_MIN`]
 //!   to [`ERROR_BACKOFF_MAX`], so a broken role cannot call AWS at pull rate;
 //!   a still-usable token keeps serving while AWS fails.
+//! - A fetch that fails for a passing reason (throttling, network, timeout)
+//!   is retried in the background on that backoff, with jitter, for as long
+//!   as pulls keep asking (within [`RETRY_WHILE_WANTED`]); a pull waits for
+//!   those retries up to the configured token wait. So when a whole fleet
+//!   boots into the API quota, a node gets its token as soon as the quota
+//!   allows, not at kubelet's next back-off step.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -29,6 +35,9 @@ pub const EXPIRED_ON_ARRIVAL_TTL: Duration = Duration::from_secs(60);
 pub const ERROR_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest backoff after repeated failures.
 pub const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A failing fetch is retried in the background while a pull has asked for
+/// its token within this long (twice kubelet's longest pull back-off).
+pub const RETRY_WHILE_WANTED: Duration = Duration::from_secs(10 * 60);
 /// Refresh jitter, as a fraction of the time until the refresh.
 const REFRESH_JITTER: f64 = 0.1;
 /// Upper bound on distinct keys kept (partitions × regions × roles).
@@ -74,12 +83,29 @@ struct State {
     error: Option<CachedError>,
     refreshing: bool,
     warned_expired: bool,
+    /// A fetch (and its retries) is running for pulls that have no token.
+    fetching: bool,
+    /// The last failure of the running fetch, for pulls that stop waiting.
+    fetch_error: Option<SourceError>,
+    /// When a pull last asked for this token.
+    wanted: Option<Instant>,
 }
 
 #[derive(Default)]
 struct Slot {
     state: Mutex<State>,
     fetch: Arc<tokio::sync::Mutex<()>>,
+    /// Woken after each attempt of a running fetch.
+    changed: tokio::sync::Notify,
+}
+
+/// What a pull without a usable token does next.
+enum Next {
+    Token(Credentials),
+    Fail(SourceError),
+    /// A fetch is running; `Some` once one of its attempts has failed.
+    Wait(Option<SourceError>),
+    Start,
 }
 
 /// What a lookup finds without waiting.
@@ -92,6 +118,7 @@ enum Peek {
 impl Slot {
     fn peek(&self, now: Instant) -> Peek {
         let mut st = self.state.lock().expect("token state lock");
+        st.wanted = Some(now);
         let error_fresh = st.error.as_ref().is_some_and(|e| now < e.retry_at);
         if let Some(t) = &st.token {
             if now < t.usable_until {
@@ -104,9 +131,29 @@ impl Slot {
             }
         }
         match &st.error {
-            Some(e) if error_fresh => Peek::Error(e.error.clone()),
+            Some(e) if error_fresh && !st.fetching => Peek::Error(e.error.clone()),
             _ => Peek::Nothing,
         }
+    }
+
+    fn next(&self, now: Instant) -> Next {
+        let mut st = self.state.lock().expect("token state lock");
+        if let Some(t) = &st.token {
+            if now < t.usable_until {
+                return Next::Token(t.credentials.clone());
+            }
+        }
+        if st.fetching {
+            return Next::Wait(st.fetch_error.clone());
+        }
+        if let Some(e) = &st.error {
+            if now < e.retry_at {
+                return Next::Fail(e.error.clone());
+            }
+        }
+        st.fetching = true;
+        st.fetch_error = None;
+        Next::Start
     }
 }
 
@@ -161,8 +208,13 @@ impl TokenCache {
     }
 
     /// Credentials for `key`: cached, or fetched once for all concurrent
-    /// callers.
-    pub async fn get(&self, key: &TokenKey) -> Result<(Credentials, CacheOutcome), SourceError> {
+    /// callers. After a fetch fails for a passing reason, waits up to `wait`
+    /// for its retries before returning the error.
+    pub async fn get(
+        &self,
+        key: &TokenKey,
+        wait: Duration,
+    ) -> Result<(Credentials, CacheOutcome), SourceError> {
         let slot = self
             .slots
             .get_with_by_ref(key, || Arc::new(Slot::default()));
@@ -178,28 +230,76 @@ impl TokenCache {
             Peek::Nothing => {}
         }
         self.metrics.cache_misses.inc();
-        let guard = slot.fetch.clone().lock_owned().await;
-        // Someone else may have fetched while this caller waited.
-        match slot.peek(Instant::now()) {
-            Peek::Token(credentials, _) => return Ok((credentials, CacheOutcome::Miss)),
-            Peek::Error(e) => return Err(e),
-            Peek::Nothing => {}
+        // The first attempt is always waited for (it is bounded by the AWS
+        // timeout); after a passing failure, retries up to `token_wait`.
+        let mut deadline = None;
+        loop {
+            let changed = slot.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            let now = Instant::now();
+            match slot.next(now) {
+                Next::Token(credentials) => return Ok((credentials, CacheOutcome::Miss)),
+                Next::Fail(e) => return Err(e),
+                Next::Start => {
+                    self.spawn_fetch(key.clone(), slot.clone());
+                    continue;
+                }
+                Next::Wait(None) => {}
+                Next::Wait(Some(e)) => {
+                    let until = *deadline.get_or_insert(now + wait);
+                    if now >= until {
+                        return Err(e);
+                    }
+                }
+            }
+            match deadline {
+                Some(until) => {
+                    let _ = tokio::time::timeout_at(until, changed).await;
+                }
+                None => changed.await,
+            }
         }
+    }
+
+    /// Fetches for pulls that have no token, in a task of its own so that a
+    /// pull that gives up does not cancel it. A passing failure is retried
+    /// on the error backoff, with jitter, while pulls keep asking.
+    fn spawn_fetch(&self, key: TokenKey, slot: Arc<Slot>) {
         let this = self.clone();
-        let key = key.clone();
-        let task = tokio::spawn(async move {
-            let result = this.fetch_and_store(&key, &slot).await;
-            drop(guard);
-            result
+        tokio::spawn(async move {
+            let _guard = slot.fetch.clone().lock_owned().await;
+            loop {
+                let result = this.fetch_and_store(&key, &slot).await;
+                let retry_in = {
+                    let mut st = slot.state.lock().expect("token state lock");
+                    let retry_in = match &result {
+                        Err(e) if e.kind.is_transient() => st
+                            .wanted
+                            .filter(|w| w.elapsed() < RETRY_WHILE_WANTED)
+                            .and(st.error.as_ref())
+                            .map(|e| e.backoff.mul_f64(rand::rng().random_range(0.5..=1.0))),
+                        _ => None,
+                    };
+                    st.fetch_error = result.as_ref().err().cloned();
+                    if retry_in.is_none() {
+                        st.fetching = false;
+                    }
+                    retry_in
+                };
+                slot.changed.notify_waiters();
+                let Some(delay) = retry_in else { break };
+                if let Err(e) = &result {
+                    tracing::warn!(
+                        key = %key,
+                        error = e as &dyn std::error::Error,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "ECR token fetch failed; retrying while pulls wait for it"
+                    );
+                }
+                tokio::time::sleep(delay).await;
+            }
         });
-        match task.await {
-            Ok(result) => result.map(|c| (c, CacheOutcome::Miss)),
-            Err(e) => Err(SourceError::new(
-                super::ErrorKind::Other,
-                None,
-                format!("token fetch task failed: {e}"),
-            )),
-        }
     }
 
     fn spawn_refresh(&self, key: TokenKey, slot: Arc<Slot>) {
@@ -396,7 +496,7 @@ mod tests {
         let tasks: Vec<_> = (0..100)
             .map(|_| {
                 let cache = cache.clone();
-                tokio::spawn(async move { cache.get(&key()).await })
+                tokio::spawn(async move { cache.get(&key(), Duration::ZERO).await })
             })
             .collect();
         for t in tasks {
@@ -410,19 +510,19 @@ mod tests {
     async fn refresh_happens_ahead_and_no_caller_waits() {
         let source = Scripted::new(Duration::from_secs(2), Some(TWELVE_HOURS));
         let cache = TokenCache::new(source.clone(), None, Arc::default());
-        let (_, outcome) = cache.get(&key()).await.unwrap();
+        let (_, outcome) = cache.get(&key(), Duration::ZERO).await.unwrap();
         assert_eq!(outcome, CacheOutcome::Miss);
         // Past the latest possible refresh point (half the usable life plus
         // jitter), but well before expiry.
         tokio::time::advance(Duration::from_secs(6 * 3600 + 1)).await;
         let before = Instant::now();
-        let (c, outcome) = cache.get(&key()).await.unwrap();
+        let (c, outcome) = cache.get(&key(), Duration::ZERO).await.unwrap();
         assert_eq!((c.password.as_str(), outcome), ("pw-1", CacheOutcome::Hit));
         assert_eq!(Instant::now(), before, "a hit must not wait on the source");
         // Let the background refresh finish; the next lookup sees the new token.
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_eq!(source.calls(), 2);
-        let (c, outcome) = cache.get(&key()).await.unwrap();
+        let (c, outcome) = cache.get(&key(), Duration::ZERO).await.unwrap();
         assert_eq!((c.password.as_str(), outcome), ("pw-2", CacheOutcome::Hit));
         assert_eq!(cache.metrics.cache_refreshes.get(), 1);
     }
@@ -434,7 +534,7 @@ mod tests {
         let cache = TokenCache::new(source.clone(), None, Arc::default());
         // Hammer the cache for 100 s at 100 lookups per second.
         for _ in 0..10_000 {
-            let e = cache.get(&key()).await.unwrap_err();
+            let e = cache.get(&key(), Duration::ZERO).await.unwrap_err();
             assert_eq!(e.kind, ErrorKind::AccessDenied);
             tokio::time::advance(Duration::from_millis(10)).await;
         }
@@ -443,19 +543,25 @@ mod tests {
         // Recovery: after the backoff, a success clears the error.
         source.fail_with(None);
         tokio::time::advance(ERROR_BACKOFF_MAX).await;
-        assert!(cache.get(&key()).await.is_ok());
+        assert!(cache.get(&key(), Duration::ZERO).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn expired_on_arrival_serves_the_pull_and_is_kept_at_most_a_minute() {
         let source = Scripted::new(Duration::ZERO, None);
         let cache = TokenCache::new(source.clone(), None, Arc::default());
-        assert_eq!(cache.get(&key()).await.unwrap().0.password, "pw-1");
+        assert_eq!(
+            cache.get(&key(), Duration::ZERO).await.unwrap().0.password,
+            "pw-1"
+        );
         tokio::time::advance(Duration::from_secs(20)).await;
-        assert_eq!(cache.get(&key()).await.unwrap().1, CacheOutcome::Hit);
+        assert_eq!(
+            cache.get(&key(), Duration::ZERO).await.unwrap().1,
+            CacheOutcome::Hit
+        );
         assert_eq!(source.calls(), 1);
         tokio::time::advance(EXPIRED_ON_ARRIVAL_TTL).await;
-        cache.get(&key()).await.unwrap();
+        cache.get(&key(), Duration::ZERO).await.unwrap();
         assert!(
             source.calls() >= 2,
             "a token expired on arrival must not be kept past 60 s"
@@ -466,12 +572,12 @@ mod tests {
     async fn stale_token_keeps_serving_while_the_source_fails() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
         let cache = TokenCache::new(source.clone(), None, Arc::default());
-        cache.get(&key()).await.unwrap();
+        cache.get(&key(), Duration::ZERO).await.unwrap();
         source.fail_with(Some(ErrorKind::Network));
         // Into the refresh window: every refresh fails, pulls keep working.
         for _ in 0..600 {
             tokio::time::advance(Duration::from_secs(60)).await;
-            let (c, outcome) = cache.get(&key()).await.unwrap();
+            let (c, outcome) = cache.get(&key(), Duration::ZERO).await.unwrap();
             assert_eq!((c.password.as_str(), outcome), ("pw-1", CacheOutcome::Hit));
             tokio::task::yield_now().await;
         }
@@ -488,9 +594,9 @@ mod tests {
             Some(Duration::from_secs(3600)),
             Arc::default(),
         );
-        cache.get(&key()).await.unwrap();
+        cache.get(&key(), Duration::ZERO).await.unwrap();
         tokio::time::advance(Duration::from_secs(3601)).await;
-        let (c, outcome) = cache.get(&key()).await.unwrap();
+        let (c, outcome) = cache.get(&key(), Duration::ZERO).await.unwrap();
         assert_eq!((c.password.as_str(), outcome), ("pw-2", CacheOutcome::Miss));
     }
 
@@ -498,10 +604,84 @@ mod tests {
     async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
         let source = Scripted::new(Duration::from_secs(5), Some(TWELVE_HOURS));
         let cache = TokenCache::new(source.clone(), None, Arc::default());
-        let first = tokio::time::timeout(Duration::from_secs(1), cache.get(&key())).await;
+        let first =
+            tokio::time::timeout(Duration::from_secs(1), cache.get(&key(), Duration::ZERO)).await;
         assert!(first.is_err());
-        let (c, _) = cache.get(&key()).await.unwrap();
+        let (c, _) = cache.get(&key(), Duration::ZERO).await.unwrap();
         assert_eq!(c.password, "pw-1");
         assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passing_failure_is_retried_while_the_pull_waits() {
+        let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
+        source.fail_with(Some(ErrorKind::Throttled));
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let waiting = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key(), Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiting.is_finished(), "the pull waits for the retries");
+        // Backoff 1, 2, 4 s, each jittered down to at most half: 3 to 4
+        // attempts in the first 5 s.
+        assert!((3..=4).contains(&source.calls()), "{}", source.calls());
+        source.fail_with(None);
+        let started = Instant::now();
+        let (c, outcome) = waiting.await.unwrap().unwrap();
+        assert_eq!(outcome, CacheOutcome::Miss);
+        assert!(c.password.starts_with("pw-"));
+        assert!(
+            started.elapsed() <= Duration::from_secs(8),
+            "next retry at most 8 s on"
+        );
+        // A pull that asks later is a hit.
+        assert_eq!(
+            cache.get(&key(), Duration::ZERO).await.unwrap().1,
+            CacheOutcome::Hit
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_ends_with_the_last_error_and_lasting_failures_are_not_retried() {
+        const WAIT: Duration = Duration::from_secs(10);
+        let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
+        source.fail_with(Some(ErrorKind::Network));
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let started = Instant::now();
+        let e = cache.get(&key(), WAIT).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Network);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+        // Access denied does not pass by itself: one call, no waiting.
+        let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
+        source.fail_with(Some(ErrorKind::AccessDenied));
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let started = Instant::now();
+        assert_eq!(
+            cache.get(&key(), WAIT).await.unwrap_err().kind,
+            ErrorKind::AccessDenied
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(source.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn background_retries_stop_once_no_pull_asks() {
+        let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
+        source.fail_with(Some(ErrorKind::Network));
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        assert!(cache.get(&key(), Duration::ZERO).await.is_err());
+        tokio::time::sleep(RETRY_WHILE_WANTED + ERROR_BACKOFF_MAX).await;
+        let after_window = source.calls();
+        // 1, 2, 4 ... 60 s backoff (jittered) over ten minutes.
+        assert!((8..=25).contains(&after_window), "{after_window}");
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(
+            source.calls(),
+            after_window,
+            "no pull asked: retries stopped"
+        );
     }
 }

@@ -120,6 +120,17 @@ pub enum ErrorKind {
     Other,
 }
 
+impl ErrorKind {
+    /// Whether the failure may pass by itself (throttling, network,
+    /// timeout), so that retrying soon makes sense.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Network | ErrorKind::Timeout | ErrorKind::Throttled
+        )
+    }
+}
+
 /// Why a token could not be had. Cloneable because errors are cached and
 /// handed to every caller that asks during the backoff.
 #[derive(Clone, Debug, thiserror::Error)]
