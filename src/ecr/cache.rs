@@ -99,6 +99,19 @@ struct Slot {
     changed: tokio::sync::Notify,
 }
 
+/// Ends a slot's fetch however its task ends (even by a panic), so that no
+/// pull waits for a fetch that is gone.
+struct FetchDone<'a>(&'a Slot);
+
+impl Drop for FetchDone<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.state.lock() {
+            st.fetching = false;
+        }
+        self.0.changed.notify_waiters();
+    }
+}
+
 /// What a pull without a usable token does next.
 enum Next {
     Token(Credentials),
@@ -231,7 +244,7 @@ impl TokenCache {
         }
         self.metrics.cache_misses.inc();
         // The first attempt is always waited for (it is bounded by the AWS
-        // timeout); after a passing failure, retries up to `token_wait`.
+        // timeout); after a passing failure, its retries for up to `wait`.
         let mut deadline = None;
         loop {
             let changed = slot.changed.notified();
@@ -269,6 +282,7 @@ impl TokenCache {
         let this = self.clone();
         tokio::spawn(async move {
             let _guard = slot.fetch.clone().lock_owned().await;
+            let _done = FetchDone(&slot);
             loop {
                 let result = this.fetch_and_store(&key, &slot).await;
                 let retry_in = {
