@@ -242,12 +242,24 @@ impl Upstream {
         let end = body.is_end_stream();
         let (response, stream) = send
             .send_request(Request::from_parts(parts, ()), end)
-            .map_err(|e| self.unavailable(e.into()))?;
+            .map_err(|e| self.call_failed(e))?;
         if !end {
             send_body(body, stream);
         }
-        let response = response.await.map_err(|e| self.unavailable(e.into()))?;
+        let response = response.await.map_err(|e| self.call_failed(e))?;
         Ok(response.map(UpstreamBody::new))
+    }
+
+    /// A call failed. Only a failure of the connection (I/O, GOAWAY) marks
+    /// the upstream down; a reset of this one stream leaves it up.
+    fn call_failed(&self, e: h2::Error) -> ProxyError {
+        if e.is_io() || e.is_go_away() {
+            return self.unavailable(e.into());
+        }
+        ProxyError::Upstream {
+            path: self.path.clone(),
+            source: e.into(),
+        }
     }
 
     /// Whether the upstream answers a CRI call now: an `ImageFsInfo` (the

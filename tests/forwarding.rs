@@ -506,3 +506,71 @@ async fn calls_still_running_after_the_grace_period_are_cut_and_the_exit_is_clea
         proxy.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_stream_reset_fails_that_call_only() {
+    use std::io::{Read, Write};
+    let dir = support::short_tempdir();
+    // An HTTP/2 upstream that refuses every ImageStatus stream with
+    // RST_STREAM and answers everything else with an empty OK message.
+    let sock = dir.path().join("up.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (io, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(io).await.unwrap();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.uri().path().ends_with("/ImageStatus") {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let head = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    let mut tx = respond.send_response(head, false).unwrap();
+                    tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
+                        .unwrap();
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    tx.send_trailers(trailers).unwrap();
+                }
+            });
+        }
+    });
+    let metrics = dir.path().join("m.sock");
+    let arg = format!("unix:{}", metrics.display());
+    let proxy = ProxyProcess::start(
+        dir.path(),
+        &sock,
+        ProxyOptions {
+            args: vec!["--metrics-listen", &arg],
+            ..Default::default()
+        },
+    );
+    let up = || {
+        let mut s = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.lines()
+            .find(|l| l.starts_with("ecr_pull_proxy_upstream_up "))
+            .map(str::to_owned)
+    };
+    raw::image_fs_info(proxy.channel()).await.unwrap();
+    assert_eq!(up().as_deref(), Some("ecr_pull_proxy_upstream_up 1"));
+
+    let err = raw::unary(
+        proxy.channel(),
+        "/runtime.v1.ImageService/ImageStatus",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("refused"), "{}", err.message());
+    // The connection is fine: still up, and the next call goes through on it.
+    assert_eq!(up().as_deref(), Some("ecr_pull_proxy_upstream_up 1"));
+    raw::image_fs_info(proxy.channel()).await.unwrap();
+}
