@@ -791,6 +791,17 @@ mod tests {
             ExistingCredentials::Fallback
         );
         assert_eq!(c.credentials.ecr_patterns.len(), DEFAULT_PATTERNS.len());
+        assert_eq!(c.credentials.token_wait, DEFAULT_TOKEN_WAIT);
+    }
+
+    #[test]
+    fn token_wait_takes_a_duration_and_zero_means_no_wait() {
+        let c = Config::from_toml("token_wait = \"45s\"", &cli()).unwrap();
+        assert_eq!(c.credentials.token_wait, Duration::from_secs(45));
+        let c = Config::from_toml("token_wait = \"0s\"", &cli()).unwrap();
+        assert_eq!(c.credentials.token_wait, Duration::ZERO);
+        let e = err("token_wait = 45");
+        assert!(e.contains("token_wait"), "{e}");
     }
 
     #[test]
