@@ -114,7 +114,9 @@ fn socat(dir: &Path, target: &Path) -> (std::process::Child, std::path::PathBuf)
     let bin = support::require("socat", "the Debian package socat");
     let sock = dir.join("socat.sock");
     let child = Command::new(bin)
-        .arg(format!("UNIX-LISTEN:{},fork", sock.display()))
+        // A backlog for the 8 connections opened at once (socat's default
+        // of 5 refuses some).
+        .arg(format!("UNIX-LISTEN:{},fork,backlog=64", sock.display()))
         .arg(format!("UNIX-CONNECT:{}", target.display()))
         .stderr(Stdio::null())
         .spawn()
@@ -128,8 +130,13 @@ async fn main() {
     // `cargo bench` passes --bench; nothing else is expected.
     let dir = support::short_tempdir();
     println!(
-        "# ecr-pull-proxy benchmark\n\nmachine: {}; proxy: release build\n",
-        machine()
+        "# ecr-pull-proxy benchmark\n\nmachine: {}; proxy: {}\n",
+        machine(),
+        if cfg!(debug_assertions) {
+            "debug build (a smoke run; figures come from `.ci/bench`)"
+        } else {
+            "release build"
+        }
     );
 
     // === real containerd ===
@@ -263,11 +270,18 @@ async fn main() {
         ("direct", support::channel(&upstream.socket)),
         ("proxy", proxy2.channel()),
     ];
+    // socat in front of the same upstream: what any relay costs here.
+    let (mut socat2, socat2_sock) = socat(&pdir, &upstream.socket);
+    let with_socat = [
+        fast[0].clone(),
+        fast[1].clone(),
+        ("socat", support::channel(&socat2_sock)),
+    ];
     println!("\n## Against a fast scripted upstream\n");
-    println!("| measure | direct | proxy | proxy ÷ direct |");
-    println!("| --- | --- | --- | --- |");
+    println!("| measure | direct | proxy | proxy ÷ direct | socat ÷ direct |");
+    println!("| --- | --- | --- | --- | --- |");
     let mut r = interleaved(
-        &fast,
+        &with_socat,
         "/runtime.v1.ImageService/ListImages",
         &Bytes::new(),
         Some("big:10485760"),
@@ -275,26 +289,29 @@ async fn main() {
         5,
     )
     .await;
-    let (d, p) = (pct(&mut r[0], 0.5), pct(&mut r[1], 0.5));
+    let (d, p, f) = (
+        pct(&mut r[0], 0.5),
+        pct(&mut r[1], 0.5),
+        pct(&mut r[2], 0.5),
+    );
     println!(
-        "| 10 MiB ListImages, p50 | {:.2} ms | {:.2} ms | {:.3} |",
+        "| 10 MiB ListImages, p50 | {:.2} ms | {:.2} ms | {:.3} | {:.3} |",
         d.as_secs_f64() * 1e3,
         p.as_secs_f64() * 1e3,
-        p.as_secs_f64() / d.as_secs_f64()
+        p.as_secs_f64() / d.as_secs_f64(),
+        f.as_secs_f64() / d.as_secs_f64()
     );
 
     // 256 concurrent callers over 8 connections, 3 s per turn, 2 turns each.
-    let mut totals = [0u64; 2];
+    let mut totals = [0u64; 3];
     let mut peak_rss = 0;
     for _turn in 0..2 {
-        for (i, (_, _)) in fast.iter().enumerate() {
+        for (i, total) in totals.iter_mut().enumerate() {
             let chans: Vec<Channel> = (0..8)
-                .map(|_| {
-                    if i == 0 {
-                        support::channel(&upstream.socket)
-                    } else {
-                        proxy2.channel()
-                    }
+                .map(|_| match i {
+                    0 => support::channel(&upstream.socket),
+                    1 => proxy2.channel(),
+                    _ => support::channel(&socat2_sock),
                 })
                 .collect();
             let until = Instant::now() + Duration::from_secs(3);
@@ -323,15 +340,17 @@ async fn main() {
                 peak_rss = peak_rss.max(proxy2.rss_kib().0);
             }
             for t in tasks {
-                totals[i] += t.await.unwrap();
+                *total += t.await.unwrap();
             }
         }
     }
+    let _ = socat2.kill();
     println!(
-        "| 256 concurrent callers, calls/s | {:.0} | {:.0} | {:.3} |",
+        "| 256 concurrent callers, calls/s | {:.0} | {:.0} | {:.3} | {:.3} |",
         totals[0] as f64 / 6.0,
         totals[1] as f64 / 6.0,
-        totals[1] as f64 / totals[0] as f64
+        totals[1] as f64 / totals[0] as f64,
+        totals[2] as f64 / totals[0] as f64
     );
 
     // PullImage with a cached token: the proxy reads and rewrites it.
@@ -381,7 +400,7 @@ async fn main() {
         pct(&mut plain[0], 0.99),
     );
     println!(
-        "| PullImage, cached token, p50 / p99 | {} / {} | {} / {} | {:.2} |",
+        "| PullImage, cached token, p50 / p99 | {} / {} | {} / {} | {:.2} | |",
         us(d50),
         us(d99),
         us(p50),
@@ -389,7 +408,7 @@ async fn main() {
         p50.as_secs_f64() / d50.as_secs_f64()
     );
     println!(
-        "| proxied ImageStatus (forwarded as is) vs proxied PullImage (read + rewrite), p50 / p99 | {} / {} | {} / {} | {:.2} |",
+        "| proxied ImageStatus (forwarded as is) vs proxied PullImage (read + rewrite), p50 / p99 | {} / {} | {} / {} | {:.2} | |",
         us(f50), us(f99), us(p50), us(p99), p50.as_secs_f64() / f50.as_secs_f64()
     );
 
@@ -420,7 +439,7 @@ async fn main() {
     )
     .await;
     println!(
-        "| PullImage, cold cache (SDK start + moto call), first / second | | {} / {} | |",
+        "| PullImage, cold cache (SDK start + moto call), first / second | | {} / {} | | |",
         us(first),
         us(second)
     );
