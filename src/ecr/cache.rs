@@ -296,13 +296,11 @@ impl TokenCache {
                         _ => None,
                     };
                     st.fetch_error = result.as_ref().err().cloned();
-                    if retry_in.is_none() {
-                        st.fetching = false;
-                    }
                     retry_in
                 };
-                slot.changed.notify_waiters();
+                // Done: `FetchDone` ends the fetch and wakes the waiters.
                 let Some(delay) = retry_in else { break };
+                slot.changed.notify_waiters();
                 if let Err(e) = &result {
                     tracing::warn!(
                         key = %key,
