@@ -93,6 +93,21 @@ fn children(pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// A proxy in `dir` (created if needed) in front of `upstream`, with the
+/// AWS environment pointing at moto, logging only warnings.
+fn bench_proxy(dir: &Path, upstream: &Path, moto: &Moto) -> ProxyProcess {
+    std::fs::create_dir_all(dir).unwrap();
+    ProxyProcess::start(
+        dir,
+        upstream,
+        ProxyOptions {
+            env: moto.env(),
+            args: vec!["--log-level", "warn"],
+            ..Default::default()
+        },
+    )
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -143,15 +158,7 @@ async fn main() {
     let moto = Moto::start(dir.path());
     let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
     let containerd = Containerd::start(dir.path(), &[(ECR_HOST, registry.addr.as_str())]);
-    let proxy = ProxyProcess::start(
-        dir.path(),
-        &containerd.socket,
-        ProxyOptions {
-            env: moto.env(),
-            args: vec!["--log-level", "warn"],
-            ..Default::default()
-        },
-    );
+    let proxy = bench_proxy(dir.path(), &containerd.socket, &moto);
     for i in 0..20 {
         registry.push_image(&format!("bench{i}"), &["v1"]);
         let req = cri::PullImageRequest {
@@ -256,16 +263,7 @@ async fn main() {
     // === scripted upstream ===
     let upstream = ScriptedUpstream::start(&dir.path().join("up.sock")).await;
     let pdir = dir.path().join("p2");
-    std::fs::create_dir_all(&pdir).unwrap();
-    let proxy2 = ProxyProcess::start(
-        &pdir,
-        &upstream.socket,
-        ProxyOptions {
-            env: moto.env(),
-            args: vec!["--log-level", "warn"],
-            ..Default::default()
-        },
-    );
+    let proxy2 = bench_proxy(&pdir, &upstream.socket, &moto);
     let fast = [
         ("direct", support::channel(&upstream.socket)),
         ("proxy", proxy2.channel()),
@@ -413,17 +411,7 @@ async fn main() {
     );
 
     // Cold cache: a fresh proxy's first pull fetches a token from moto.
-    let pdir = dir.path().join("p3");
-    std::fs::create_dir_all(&pdir).unwrap();
-    let cold = ProxyProcess::start(
-        &pdir,
-        &upstream.socket,
-        ProxyOptions {
-            env: moto.env(),
-            args: vec!["--log-level", "warn"],
-            ..Default::default()
-        },
-    );
+    let cold = bench_proxy(&dir.path().join("p3"), &upstream.socket, &moto);
     let first = call(
         cold.channel(),
         "/runtime.v1.ImageService/PullImage",
