@@ -13,6 +13,16 @@ use tonic::Code;
 
 const PASSWORD: &str = "fake-ecr-pass-91c";
 
+/// `assert_no_secrets`, plus the fake ECR's own password and token.
+fn assert_no_fake_ecr_secret(logs: &str) {
+    use base64::Engine;
+    assert_no_secrets(logs);
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("AWS:{PASSWORD}"));
+    for secret in [PASSWORD, token.as_str()] {
+        assert!(!logs.contains(secret), "a fake ECR secret is in the logs");
+    }
+}
+
 /// The stack's AWS environment, with ECR itself answered by `fake`.
 fn env_with(s: &Stack, endpoint: &str) -> Vec<(&'static str, String)> {
     let mut env = s.moto.env();
@@ -158,6 +168,7 @@ async fn a_throttled_pull_waits_while_the_proxy_retries_and_then_succeeds() {
         "served at the next retry (backoff at most 8 s by then), waited {waited:?}"
     );
     assert!(proxy.logs().contains("retrying while pulls wait"));
+    assert_no_fake_ecr_secret(&proxy.logs());
 
     // Throttled for longer than token_wait: the pull fails after the wait,
     // naming the cause.
@@ -182,7 +193,7 @@ async fn a_throttled_pull_waits_while_the_proxy_retries_and_then_succeeds() {
         "{}",
         err.message()
     );
-    assert_no_secrets(&proxy.logs());
+    assert_no_fake_ecr_secret(&proxy.logs());
 }
 
 #[tokio::test(flavor = "multi_thread")]
