@@ -11,6 +11,7 @@ pub mod admin;
 pub mod check;
 pub mod config;
 pub mod credentials;
+pub mod hpack;
 pub mod ecr;
 pub mod image_ref;
 pub mod logging;
