@@ -1,9 +1,9 @@
 //! ecr-pull-proxy: a CRI image-service proxy that adds Amazon ECR
 //! credentials to `PullImage` calls on their way to containerd.
 //!
-//! Data goes one way: [`server`] (the socket) → [`proxy`] (HTTP/2
-//! forwarding) → [`pull`] + [`credentials`] → [`ecr`] (token cache and
-//! source) for `PullImage`, then upstream.
+//! Data goes one way: [`server`] (the socket) → [`relay`] (frames to the
+//! upstream as they are) → for `PullImage`, [`proxy`] → [`pull`] +
+//! [`credentials`] → [`ecr`] (token cache and source), then upstream.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -11,14 +11,15 @@ pub mod admin;
 pub mod check;
 pub mod config;
 pub mod credentials;
-pub mod hpack;
 pub mod ecr;
+pub mod hpack;
 pub mod image_ref;
 pub mod logging;
 pub mod matcher;
 pub mod metrics;
 pub mod proxy;
 pub mod pull;
+pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod signal;

@@ -1,9 +1,15 @@
-//! The HTTP/2-level forwarder: every request goes to the upstream socket as
-//! it is (path, headers including `grpc-timeout`, body frames), and every
-//! response comes back as it is (headers, body, trailers). Only
-//! `PullImage` is read, through [`crate::pull`], before it is sent on.
+//! Call handling at the HTTP/2 request level: `PullImage` (read through
+//! [`crate::pull`], credentials added, sent on), the shared upstream
+//! connection it is sent on, and the one place errors become gRPC statuses.
 //!
-//! Nothing here knows about the listening socket; `server` hands requests in.
+//! [`crate::relay`] hands PullImage streams here and relays every other
+//! call itself, frame by frame. A client connection that could not get an
+//! upstream connection of its own is served by hyper's HTTP/2 server with
+//! every call through [`Proxy::handle`], which forwards requests (path,
+//! headers including `grpc-timeout`, body frames) and answers (headers,
+//! body, trailers) as they are.
+//!
+//! Nothing here knows about the listening socket.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -16,7 +22,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Collected, Full, Limited};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
@@ -119,7 +124,8 @@ fn status_response(status: &Status) -> Response<ProxyBody> {
     status.clone().into_http()
 }
 
-fn boxed<B>(body: B) -> ProxyBody
+/// Boxes a body into the proxy's body type.
+pub fn boxed<B>(body: B) -> ProxyBody
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -217,6 +223,17 @@ impl Upstream {
         });
         tracing::debug!(upstream = %self.path.display(), "dialled upstream");
         Ok(Connection { send, closed })
+    }
+
+    /// Records that a connection to the upstream was established (the
+    /// per-connection relays dial their own).
+    pub fn mark_up(&self) {
+        self.up.set(1);
+    }
+
+    /// Records that a connection to the upstream failed.
+    pub fn mark_down(&self) {
+        self.up.set(0);
     }
 
     fn unavailable(&self, source: BoxError) -> ProxyError {
@@ -489,14 +506,19 @@ impl Proxy {
         *self.inner.resolver.write().expect("resolver lock") = Arc::new(resolver);
     }
 
+    /// The metrics calls are counted into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
     /// Handles one call. Never fails: errors become gRPC statuses.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<ProxyBody>) -> Response<ProxyBody> {
         let started = Instant::now();
         let method: Arc<str> = req.uri().path().into();
         let (response, pull) = if &*method == PULL_IMAGE_PATH {
             self.pull_image(req).await
         } else {
-            let response = match self.forward(req.map(boxed)).await {
+            let response = match self.forward(req).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(method = %method, error = %error_chain(&e), "call failed");
@@ -527,28 +549,17 @@ impl Proxy {
     /// has ended.
     async fn pull_image(
         &self,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
     ) -> (Response<ProxyBody>, Option<PullRecord>) {
         let (parts, body) = req.into_parts();
-        let collected = match Limited::new(body, MAX_MESSAGE_SIZE + GRPC_HEADER_LEN)
-            .collect()
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                let err = if e.is::<http_body_util::LengthLimitError>() {
-                    ProxyError::TooLarge {
-                        limit: MAX_MESSAGE_SIZE,
-                    }
-                } else {
-                    ProxyError::RequestBody { source: e }
-                };
-                tracing::warn!(error = %error_chain(&err), "PullImage refused");
-                return (status_response(&status_for(&err)), None);
-            }
-        };
-        let request_trailers = collected.trailers().cloned();
-        let body = collected.to_bytes();
+        let (body, request_trailers) =
+            match read_limited(body, MAX_MESSAGE_SIZE + GRPC_HEADER_LEN).await {
+                Ok(v) => v,
+                Err(err) => {
+                    tracing::warn!(error = %error_chain(&err), "PullImage refused");
+                    return (status_response(&status_for(&err)), None);
+                }
+            };
         let parsed = pull::unframe(&body).and_then(|m| pull::read(m).map(|info| (m, info)));
         let (message, info) = match parsed {
             Ok(v) => v,
@@ -741,6 +752,30 @@ impl Proxy {
             })?;
         Ok((head, collected))
     }
+}
+
+/// Reads a request body of at most `limit` bytes, and its trailers.
+async fn read_limited(
+    mut body: ProxyBody,
+    limit: usize,
+) -> Result<(Bytes, Option<HeaderMap>), ProxyError> {
+    let mut data = bytes::BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|source| ProxyError::RequestBody { source })?;
+        match frame.into_data() {
+            Ok(d) => {
+                if data.len() + d.len() > limit {
+                    return Err(ProxyError::TooLarge {
+                        limit: MAX_MESSAGE_SIZE,
+                    });
+                }
+                data.extend_from_slice(&d);
+            }
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    Ok((data.freeze(), trailers))
 }
 
 /// The final status of a gRPC answer: in the trailers, or in the headers of

@@ -13,9 +13,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use nix::sys::stat::Mode;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 
-use crate::proxy::{Proxy, CONNECTION_WINDOW, MAX_HEADER_LIST_SIZE, STREAM_WINDOW};
+use crate::proxy::{
+    boxed, Proxy, CONNECTION_WINDOW, DIAL_TIMEOUT, MAX_HEADER_LIST_SIZE, STREAM_WINDOW,
+};
 
 /// Mode of the socket's parent directory when the proxy creates it.
 pub const SOCKET_DIR_MODE: u32 = 0o755;
@@ -180,6 +183,11 @@ pub fn notify_ready() {
 /// Accepts connections and serves them with `proxy` until `shutdown`
 /// resolves; then stops accepting, removes the socket and lets in-flight
 /// calls finish within `grace`.
+///
+/// Each connection is relayed frame by frame to a connection of its own to
+/// the upstream ([`crate::relay`]). When the upstream cannot be dialled,
+/// the connection is served by the HTTP/2 server instead, which answers each
+/// call with `Unavailable` naming the upstream until it is back.
 pub async fn serve(
     listening: Listening,
     proxy: Proxy,
@@ -196,26 +204,17 @@ pub async fn serve(
         // `date` header of ours.
         .auto_date_header(false);
     let graceful = GracefulShutdown::new();
+    let (drain, draining) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listening.listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let proxy = proxy.clone();
-                    let svc = service_fn(move |req| {
-                        let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-                    });
-                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            if is_disconnect(&e) {
-                                tracing::debug!(error = %crate::proxy::error_chain(&e), "client went away");
-                            } else {
-                                tracing::warn!(error = %crate::proxy::error_chain(&e), "closed a client connection");
-                            }
-                        }
-                    });
+                    let builder = builder.clone();
+                    let watcher = graceful.watcher();
+                    let draining = draining.clone();
+                    tokio::spawn(serve_connection(stream, proxy, builder, watcher, draining));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -229,12 +228,65 @@ pub async fn serve(
     listening.remove();
     let Listening { listener, .. } = listening;
     drop(listener);
+    drop(draining);
     tracing::info!(
         grace_s = grace.as_secs(),
         "stopped accepting; draining in-flight calls"
     );
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+    let _ = drain.send(true);
+    let drained = async {
+        tokio::join!(graceful.shutdown(), drain.closed());
+    };
+    match tokio::time::timeout(grace, drained).await {
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!("grace period over; cutting the calls still in flight"),
     }
+}
+
+async fn serve_connection(
+    stream: UnixStream,
+    proxy: Proxy,
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    draining: watch::Receiver<bool>,
+) {
+    let upstream = tokio::time::timeout(DIAL_TIMEOUT, UnixStream::connect(proxy.upstream().path()));
+    let result = match upstream.await {
+        Ok(Ok(upstream)) => {
+            proxy.upstream().mark_up();
+            crate::relay::relay(stream, upstream, proxy, draining)
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(upstream = %proxy.upstream().path().display(), error = &e as &dyn std::error::Error, "cannot dial upstream; serving this connection without it");
+            serve_http2(stream, proxy, builder, watcher).await
+        }
+        Err(_) => serve_http2(stream, proxy, builder, watcher).await,
+    };
+    if let Err(e) = result {
+        if is_disconnect(&*e) {
+            tracing::debug!(error = %crate::proxy::error_chain(&*e), "client went away");
+        } else {
+            tracing::warn!(error = %crate::proxy::error_chain(&*e), "closed a client connection");
+        }
+    }
+}
+
+/// Serves a connection with the HTTP/2 server, each call through
+/// [`Proxy::handle`].
+async fn serve_http2(
+    stream: UnixStream,
+    proxy: Proxy,
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req.map(boxed)).await) }
+    });
+    watcher
+        .watch(builder.serve_connection(TokioIo::new(stream), svc))
+        .await
+        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
 }

@@ -519,7 +519,11 @@ async fn an_upstream_stream_reset_fails_that_call_only() {
         loop {
             let (io, _) = listener.accept().await.unwrap();
             tokio::spawn(async move {
-                let mut conn = h2::server::handshake(io).await.unwrap();
+                // A caller that connects and leaves gets an upstream
+                // connection that closes before its handshake.
+                let Ok(mut conn) = h2::server::handshake(io).await else {
+                    return;
+                };
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     if req.uri().path().ends_with("/ImageStatus") {
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
@@ -568,9 +572,126 @@ async fn an_upstream_stream_reset_fails_that_call_only() {
     )
     .await
     .unwrap_err();
+    // The reset reaches the caller as it is, so a gRPC client that retries
+    // refused streams can.
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("refused"), "{}", err.message());
+    let mut cause = std::error::Error::source(&err);
+    let mut reason = None;
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            reason = h2.reason();
+        }
+        cause = e.source();
+    }
+    assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{err:?}");
     // The connection is fine: still up, and the next call goes through on it.
     assert_eq!(up().as_deref(), Some("ecr_pull_proxy_upstream_up 1"));
     raw::image_fs_info(proxy.channel()).await.unwrap();
+}
+
+/// `message` with an unknown bytes field of `pad` zeros appended.
+fn padded(message: &[u8], pad: usize) -> Bytes {
+    let mut msg = message.to_vec();
+    msg.extend_from_slice(&[0xa2, 0x06]);
+    let mut len = pad as u64;
+    while len >= 0x80 {
+        msg.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    msg.push(len as u8);
+    msg.extend(std::iter::repeat_n(0u8, pad));
+    msg.into()
+}
+
+/// PullImage answers are written by the proxy itself into the caller's
+/// connection, next to the upstream's own DATA. With the smallest windows
+/// HTTP/2 allows, a window count that is off by a byte either overruns the
+/// caller (FLOW_CONTROL_ERROR) or starves the connection (a stall).
+#[tokio::test]
+async fn pull_answers_and_a_big_answer_share_a_small_client_window() {
+    let s = setup().await;
+    let socket = s.proxy.socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .initial_connection_window_size(65_535)
+        .initial_stream_window_size(65_535)
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    let n = 12 * 1024 * 1024;
+    let big = tokio::spawn(raw::unary(
+        channel.clone(),
+        "/runtime.v1.ImageService/ListImages",
+        with_script(Bytes::new(), &format!("big:{n}")),
+    ));
+    let pull = padded(&message_with_unknown_field("PullImage"), 50_000);
+    let pulls: Vec<_> = (0..30)
+        .map(|_| {
+            tokio::spawn(raw::unary(
+                channel.clone(),
+                "/runtime.v1.ImageService/PullImage",
+                Request::new(pull.clone()),
+            ))
+        })
+        .collect();
+    let all = async {
+        for p in pulls {
+            let resp = p.await.unwrap().expect("pull answered");
+            assert_eq!(resp.get_ref(), &pull);
+        }
+        let resp = big.await.unwrap().expect("big answer");
+        assert_eq!(resp.get_ref().len(), n);
+    };
+    tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .expect("no stall");
+    assert!(!s.proxy.logs().contains("closed a client connection"));
+}
+
+/// containerd going away with a call in flight: the caller gets
+/// `Unavailable` naming the socket, not a bare connection reset.
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_closing_mid_call_is_unavailable_naming_the_socket() {
+    let dir = support::short_tempdir();
+    let sock = dir.path().join("up.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (io, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(io).await else {
+                    return;
+                };
+                // Take one call, then close the connection under it.
+                if let Some(Ok((_req, _respond))) = conn.accept().await {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
+    let err = raw::unary(
+        proxy.channel(),
+        "/runtime.v1.ImageService/ImageStatus",
+        Request::new(Bytes::new()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains(sock.to_str().unwrap()),
+        "{}",
+        err.message()
+    );
+    assert!(
+        proxy.logs().contains("upstream connection lost"),
+        "{}",
+        proxy.logs()
+    );
 }

@@ -1,0 +1,1292 @@
+//! The per-connection frame relay: the fast path for every call but
+//! `PullImage`.
+//!
+//! Each client connection gets its own upstream connection, and HTTP/2
+//! frames pass between the two as they are: DATA, SETTINGS, PING,
+//! WINDOW_UPDATE and the rest are copied without being decoded, so a call
+//! costs about what a byte relay such as `socat` costs. Three things are
+//! done at the frame level:
+//!
+//! - The client's header blocks are decoded (HPACK) to learn each call's
+//!   method, and sent on re-encoded with literals only. Re-encoding keeps
+//!   the upstream's HPACK state ours, so a block can be left out.
+//! - A `PullImage` stream is left out: its headers and message go to
+//!   [`Proxy::handle`] (read, credentials added, sent upstream on the shared
+//!   connection), and the answer is written back to the client as frames on
+//!   the same stream. The flow-control windows stay exact: the client's
+//!   request bytes are handed back with WINDOW_UPDATEs, and answer bytes
+//!   the upstream does not know of are taken out of the client's next
+//!   connection WINDOW_UPDATE; upstream DATA waits while those bytes leave
+//!   the client's window short.
+//! - The upstream's header blocks are decoded (not changed) to read each
+//!   call's final `grpc-status`, for the per-call metrics and log line.
+//!
+//! Injected header blocks use only the static table and literals without
+//! indexing, so they never change the client's HPACK state.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, Request};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::hpack::Decoder;
+use crate::metrics::Metrics;
+use crate::proxy::{BoxError, Proxy, ProxyBody, MAX_HEADER_LIST_SIZE, PULL_IMAGE_PATH};
+
+/// The client connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER_LEN: usize = 9;
+/// Largest frame payload HTTP/2 allows at all (2^24 - 1).
+const MAX_FRAME_PAYLOAD: usize = (1 << 24) - 1;
+/// Largest frame we send: the size every peer must accept.
+const SEND_FRAME_SIZE: usize = 16_384;
+/// The initial flow-control window of HTTP/2 (RFC 9113 §6.9.2).
+const DEFAULT_WINDOW: i64 = 65_535;
+/// Bytes read from a socket at once.
+const READ_CHUNK: usize = 256 * 1024;
+/// Bytes queued for one side before the relay stops reading from the other.
+const HIGH_WATER: usize = 1024 * 1024;
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY_FLAG: u8 = 0x20;
+
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+const REFUSED_STREAM: u32 = 0x7;
+const CANCEL: u32 = 0x8;
+/// gRPC `Unavailable`.
+const GRPC_UNAVAILABLE: &str = "14";
+
+/// Which end of the relay did something.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The caller (kubelet, crictl).
+    Client,
+    /// The upstream (containerd).
+    Upstream,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "the client",
+            Side::Upstream => "the upstream",
+        })
+    }
+}
+
+/// Why a relayed connection was closed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The client does not speak HTTP/2.
+    #[error("the client did not start with the HTTP/2 preface (not a gRPC client?)")]
+    Preface,
+    /// A frame broke the HTTP/2 rules the relay relies on.
+    #[error("{side} broke the HTTP/2 protocol: {what}")]
+    Protocol {
+        /// Who sent it.
+        side: Side,
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// A header block did not decode.
+    #[error("{side} sent a header block that does not decode")]
+    Hpack {
+        /// Who sent it.
+        side: Side,
+        /// The decoder's complaint.
+        #[source]
+        source: crate::hpack::HpackError,
+    },
+    /// Reading or writing a socket failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+fn protocol(side: Side, what: &'static str) -> RelayError {
+    RelayError::Protocol { side, what }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Head {
+    len: usize,
+    kind: u8,
+    flags: u8,
+    stream: u32,
+}
+
+impl Head {
+    fn parse(b: &[u8]) -> Head {
+        Head {
+            len: (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2]),
+            kind: b[3],
+            flags: b[4],
+            stream: u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff,
+        }
+    }
+}
+
+fn put_head(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
+    out.put_uint(len as u64, 3);
+    out.put_u8(kind);
+    out.put_u8(flags);
+    out.put_u32(stream);
+}
+
+fn window_update(stream: u32, increment: u32) -> Bytes {
+    let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + 4);
+    put_head(&mut out, 4, WINDOW_UPDATE, 0, stream);
+    out.put_u32(increment);
+    out.freeze()
+}
+
+fn rst_stream(stream: u32, code: u32) -> Bytes {
+    let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + 4);
+    put_head(&mut out, 4, RST_STREAM, 0, stream);
+    out.put_u32(code);
+    out.freeze()
+}
+
+fn goaway(last_stream: u32) -> Bytes {
+    let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + 8);
+    put_head(&mut out, 8, GOAWAY, 0, 0);
+    out.put_u32(last_stream);
+    out.put_u32(0);
+    out.freeze()
+}
+
+/// The header block fragment of a HEADERS frame's payload, without padding
+/// and priority fields.
+fn headers_fragment(side: Side, flags: u8, payload: &[u8]) -> Result<&[u8], RelayError> {
+    let mut p = payload;
+    let mut pad = 0;
+    if flags & PADDED != 0 {
+        let (&n, rest) = p
+            .split_first()
+            .ok_or_else(|| protocol(side, "HEADERS frame too short for its padding"))?;
+        pad = usize::from(n);
+        p = rest;
+    }
+    if flags & PRIORITY_FLAG != 0 {
+        p = p
+            .get(5..)
+            .ok_or_else(|| protocol(side, "HEADERS frame too short for its priority"))?;
+    }
+    p.get(..p.len().saturating_sub(pad))
+        .filter(|_| pad <= p.len())
+        .ok_or_else(|| protocol(side, "HEADERS padding longer than the frame"))
+}
+
+/// A DATA frame's payload without padding.
+fn data_payload(flags: u8, payload: Bytes) -> Result<Bytes, RelayError> {
+    if flags & PADDED == 0 {
+        return Ok(payload);
+    }
+    let pad = usize::from(
+        *payload
+            .first()
+            .ok_or_else(|| protocol(Side::Client, "DATA frame too short for its padding"))?,
+    );
+    if pad + 1 > payload.len() {
+        return Err(protocol(Side::Client, "DATA padding longer than the frame"));
+    }
+    Ok(payload.slice(1..payload.len() - pad))
+}
+
+// === HPACK, literals only ===
+
+fn put_int(out: &mut BytesMut, first: u8, prefix_bits: u8, value: usize) {
+    let max = (1usize << prefix_bits) - 1;
+    if value < max {
+        out.put_u8(first | value as u8);
+        return;
+    }
+    out.put_u8(first | max as u8);
+    let mut rest = value - max;
+    while rest >= 0x80 {
+        out.put_u8((rest as u8 & 0x7f) | 0x80);
+        rest >>= 7;
+    }
+    out.put_u8(rest as u8);
+}
+
+fn put_string(out: &mut BytesMut, s: &[u8]) {
+    put_int(out, 0, 7, s.len());
+    out.put_slice(s);
+}
+
+/// One header as a literal without indexing (RFC 7541 §6.2.2), new name.
+fn put_literal(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.put_u8(0);
+    put_string(out, name);
+    put_string(out, value);
+}
+
+/// A header block as HEADERS + CONTINUATION frames on `stream`.
+fn header_frames(out: &mut BytesMut, stream: u32, end_stream: bool, block: &[u8]) {
+    let mut chunks = block.chunks(SEND_FRAME_SIZE).peekable();
+    let mut first = true;
+    if block.is_empty() {
+        let flags = END_HEADERS | if end_stream { END_STREAM } else { 0 };
+        put_head(out, 0, HEADERS, flags, stream);
+        return;
+    }
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none();
+        let kind = if first { HEADERS } else { CONTINUATION };
+        let mut flags = if last { END_HEADERS } else { 0 };
+        if first && end_stream {
+            flags |= END_STREAM;
+        }
+        put_head(out, chunk.len(), kind, flags, stream);
+        out.put_slice(chunk);
+        first = false;
+    }
+}
+
+/// A decoded header list, in order.
+type Fields = Vec<(Bytes, Bytes)>;
+
+fn decode(decoder: &mut Decoder, side: Side, block: &[u8]) -> Result<Fields, RelayError> {
+    let mut fields = Vec::new();
+    decoder
+        .decode(block, |n, v| {
+            fields.push((Bytes::copy_from_slice(n), Bytes::copy_from_slice(v)))
+        })
+        .map_err(|source| RelayError::Hpack { side, source })?;
+    Ok(fields)
+}
+
+fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .find(|(n, _)| n.as_ref() == name.as_bytes())
+        .map(|(_, v)| v.as_ref())
+}
+
+// === the relay ===
+
+/// Bytes waiting to be written to one side.
+#[derive(Default)]
+struct Outbound {
+    queue: VecDeque<Bytes>,
+    queued: usize,
+}
+
+impl Outbound {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.queued += b.len();
+            self.queue.push_back(b);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Writes what the socket takes now.
+    fn flush(&mut self, io: &UnixStream) -> io::Result<()> {
+        while !self.queue.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .queue
+                .iter()
+                .take(64)
+                .map(|b| IoSlice::new(b))
+                .collect();
+            match io.try_write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut n) => {
+                    self.queued -= n;
+                    while n > 0 {
+                        let front = self.queue.front_mut().expect("written bytes were queued");
+                        if front.len() <= n {
+                            n -= front.len();
+                            self.queue.pop_front();
+                        } else {
+                            front.advance(n);
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bytes read from one side, parsed frame by frame.
+struct Inbound {
+    buf: BytesMut,
+    /// Payload bytes of a frame being passed through that are still to come.
+    passing: usize,
+    /// A header block waiting for its CONTINUATION frames: the stream, the
+    /// first frame's flags, the raw frames and the fragments.
+    block: Option<Block>,
+    eof: bool,
+}
+
+struct Block {
+    stream: u32,
+    flags: u8,
+    raw: Vec<Bytes>,
+    fragment: BytesMut,
+}
+
+impl Inbound {
+    fn new() -> Self {
+        Inbound {
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            passing: 0,
+            block: None,
+            eof: false,
+        }
+    }
+
+    /// Reads what the socket has; false when it had nothing after all.
+    fn read(&mut self, io: &UnixStream) -> io::Result<bool> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        match io.try_read_buf(&mut self.buf) {
+            Ok(0) => {
+                self.eof = true;
+                Ok(true)
+            }
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the next bytes start a frame (nothing is half passed on).
+    fn at_boundary(&self) -> bool {
+        self.passing == 0 && self.block.is_none()
+    }
+}
+
+/// A call forwarded to the upstream on this connection.
+struct Call {
+    method: Arc<str>,
+    started: Instant,
+    status: Option<String>,
+    /// The upstream has sent the answer's headers.
+    answered: bool,
+}
+
+/// A `PullImage` stream answered by [`Proxy::handle`].
+struct Diverted {
+    body: Option<mpsc::UnboundedSender<Bytes>>,
+    /// The client has sent all of its request (END_STREAM).
+    client_done: bool,
+    /// The whole answer has been written. The entry stays until the client
+    /// is done too, so that its late frames are still recognised as ours.
+    answered: bool,
+    task: JoinHandle<()>,
+    /// What the client lets us send on this stream.
+    window: i64,
+    pending: VecDeque<Out>,
+}
+
+/// Part of a diverted stream's answer.
+enum Out {
+    Head(http::response::Parts, bool),
+    Data(Bytes),
+    Trailers(HeaderMap),
+    /// The answer ended without trailers.
+    End,
+    /// The answer broke off.
+    Reset,
+}
+
+struct Event {
+    stream: u32,
+    out: Out,
+}
+
+/// A request body fed by the relay.
+struct ChannelBody(mpsc::UnboundedReceiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d))))
+    }
+}
+
+/// Relays one client connection to `upstream` until either side closes,
+/// or until `drain` turns true and the calls in flight have ended.
+pub async fn relay(
+    client: UnixStream,
+    upstream: UnixStream,
+    proxy: Proxy,
+    drain: watch::Receiver<bool>,
+) -> Result<(), RelayError> {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let mut relay = Relay {
+        metrics: proxy.metrics().clone(),
+        proxy,
+        client,
+        upstream,
+        from_client: Inbound::new(),
+        from_upstream: Inbound::new(),
+        to_client: Outbound::default(),
+        to_upstream: Outbound::default(),
+        client_blocks: Decoder::new(),
+        upstream_blocks: Decoder::new(),
+        preface_seen: false,
+        first_block: true,
+        calls: HashMap::new(),
+        diverted: HashMap::new(),
+        window: DEFAULT_WINDOW,
+        debt: 0,
+        client_initial_window: DEFAULT_WINDOW,
+        held: false,
+        pending_control: Vec::new(),
+        upstream_max_id: 0,
+        last_stream: 0,
+        draining: false,
+        upstream_gone: false,
+        events_tx,
+    };
+    let result = relay.run(events, drain).await;
+    for d in relay.diverted.values() {
+        d.task.abort();
+    }
+    for (_, call) in relay.calls.drain() {
+        relay
+            .metrics
+            .observe_call(&call.method, None, true, call.started.elapsed());
+    }
+    result
+}
+
+struct Relay {
+    proxy: Proxy,
+    metrics: Arc<Metrics>,
+    client: UnixStream,
+    upstream: UnixStream,
+    from_client: Inbound,
+    from_upstream: Inbound,
+    to_client: Outbound,
+    to_upstream: Outbound,
+    /// Mirrors the upstream's decoder of the client's blocks.
+    client_blocks: Decoder,
+    /// Mirrors the client's decoder of the upstream's blocks.
+    upstream_blocks: Decoder,
+    preface_seen: bool,
+    /// No header block has been sent upstream yet.
+    first_block: bool,
+    calls: HashMap<u32, Call>,
+    diverted: HashMap<u32, Diverted>,
+    /// The client's connection window: what may still be sent to it.
+    window: i64,
+    /// Bytes of diverted answers not yet taken out of the client's
+    /// connection WINDOW_UPDATEs (the upstream counts the window without them).
+    debt: i64,
+    client_initial_window: i64,
+    /// Upstream DATA waits for the client's window.
+    held: bool,
+    /// Frames of our own waiting for a frame boundary towards the client.
+    pending_control: Vec<Bytes>,
+    /// The highest stream the upstream has seen opened. Frames for streams
+    /// above it (ours, or refused while draining) never reach the upstream,
+    /// which would take them for a protocol error.
+    upstream_max_id: u32,
+    last_stream: u32,
+    /// GOAWAY has been sent to the client.
+    draining: bool,
+    upstream_gone: bool,
+    events_tx: mpsc::UnboundedSender<Event>,
+}
+
+impl Relay {
+    async fn run(
+        &mut self,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        mut drain: watch::Receiver<bool>,
+    ) -> Result<(), RelayError> {
+        let mut drain_seen = false;
+        if *drain.borrow_and_update() {
+            drain_seen = true;
+            self.start_drain();
+        }
+        loop {
+            if self.upstream_gone {
+                self.to_upstream = Outbound::default();
+            } else if let Err(e) = self.to_upstream.flush(&self.upstream) {
+                self.on_upstream_gone(Some(e));
+            }
+            self.to_client.flush(&self.client)?;
+            if self.from_client.eof {
+                return Ok(());
+            }
+            if self.draining
+                && self.calls.is_empty()
+                && self.diverted.is_empty()
+                && self.to_client.is_empty()
+            {
+                return Ok(());
+            }
+            let read_client = self.to_upstream.queued < HIGH_WATER;
+            let read_upstream =
+                !self.upstream_gone && !self.held && self.to_client.queued < HIGH_WATER;
+            let write_client = !self.to_client.is_empty();
+            let write_upstream = !self.upstream_gone && !self.to_upstream.is_empty();
+            tokio::select! {
+                r = self.client.readable(), if read_client => {
+                    r?;
+                    if self.from_client.read(&self.client)? {
+                        let held = self.held;
+                        self.on_client_bytes()?;
+                        if held && !self.held {
+                            self.on_upstream_bytes()?;
+                        }
+                    }
+                }
+                r = self.upstream.readable(), if read_upstream => {
+                    r?;
+                    match self.from_upstream.read(&self.upstream) {
+                        Ok(true) if self.from_upstream.eof => self.on_upstream_gone(None),
+                        Ok(true) => self.on_upstream_bytes()?,
+                        Ok(false) => {}
+                        Err(e) => self.on_upstream_gone(Some(e)),
+                    }
+                }
+                r = self.client.writable(), if write_client => { r?; }
+                r = self.upstream.writable(), if write_upstream => { r?; }
+                Some(event) = events.recv() => self.on_event(event),
+                r = drain.changed(), if !drain_seen => {
+                    drain_seen = true;
+                    if r.is_err() || *drain.borrow() {
+                        self.start_drain();
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_drain(&mut self) {
+        if !self.draining {
+            self.draining = true;
+            self.inject_control(goaway(self.last_stream));
+        }
+    }
+
+    fn can_inject(&self) -> bool {
+        self.from_upstream.at_boundary()
+    }
+
+    // --- client → upstream ---
+
+    fn on_client_bytes(&mut self) -> Result<(), RelayError> {
+        if !self.preface_seen {
+            let have = self.from_client.buf.len().min(PREFACE.len());
+            if self.from_client.buf[..have] != PREFACE[..have] {
+                return Err(RelayError::Preface);
+            }
+            if have < PREFACE.len() {
+                return Ok(());
+            }
+            let preface = self.from_client.buf.split_to(PREFACE.len()).freeze();
+            self.to_upstream.push(preface);
+            self.preface_seen = true;
+        }
+        loop {
+            let inb = &mut self.from_client;
+            if inb.passing > 0 {
+                if inb.buf.is_empty() {
+                    return Ok(());
+                }
+                let n = inb.passing.min(inb.buf.len());
+                inb.passing -= n;
+                let part = inb.buf.split_to(n).freeze();
+                self.to_upstream.push(part);
+                continue;
+            }
+            if inb.buf.len() < FRAME_HEADER_LEN {
+                return Ok(());
+            }
+            let head = Head::parse(&inb.buf);
+            if head.len > MAX_FRAME_PAYLOAD {
+                return Err(protocol(Side::Client, "frame larger than HTTP/2 allows"));
+            }
+            let ours = head.stream != 0
+                && (head.stream > self.upstream_max_id || self.diverted.contains_key(&head.stream));
+            let inb = &mut self.from_client;
+            if head.kind == DATA && inb.block.is_none() && !ours {
+                let n = (FRAME_HEADER_LEN + head.len).min(inb.buf.len());
+                inb.passing = FRAME_HEADER_LEN + head.len - n;
+                let part = inb.buf.split_to(n).freeze();
+                self.to_upstream.push(part);
+                continue;
+            }
+            if inb.buf.len() < FRAME_HEADER_LEN + head.len {
+                return Ok(());
+            }
+            let frame = inb.buf.split_to(FRAME_HEADER_LEN + head.len).freeze();
+            self.client_frame(head, frame)?;
+        }
+    }
+
+    fn client_frame(&mut self, head: Head, frame: Bytes) -> Result<(), RelayError> {
+        let payload = frame.slice(FRAME_HEADER_LEN..);
+        if self.from_client.block.is_some() && head.kind != CONTINUATION {
+            return Err(protocol(
+                Side::Client,
+                "another frame inside a header block",
+            ));
+        }
+        match head.kind {
+            HEADERS => {
+                if head.stream == 0 {
+                    return Err(protocol(Side::Client, "HEADERS on stream 0"));
+                }
+                let fragment = headers_fragment(Side::Client, head.flags, &payload)?;
+                let block = Block {
+                    stream: head.stream,
+                    flags: head.flags,
+                    raw: Vec::new(),
+                    fragment: BytesMut::from(fragment),
+                };
+                if head.flags & END_HEADERS != 0 {
+                    self.client_block(block)?;
+                } else {
+                    self.from_client.block = Some(block);
+                }
+            }
+            CONTINUATION => {
+                let Some(block) = self.from_client.block.as_mut() else {
+                    return Err(protocol(Side::Client, "CONTINUATION without HEADERS"));
+                };
+                if block.stream != head.stream {
+                    return Err(protocol(Side::Client, "CONTINUATION on another stream"));
+                }
+                if block.fragment.len() + payload.len() > MAX_HEADER_LIST_SIZE as usize {
+                    return Err(protocol(Side::Client, "header block too large"));
+                }
+                block.fragment.extend_from_slice(&payload);
+                if head.flags & END_HEADERS != 0 {
+                    let block = self.from_client.block.take().expect("checked above");
+                    self.client_block(block)?;
+                }
+            }
+            DATA => {
+                // Only diverted streams' DATA gets here.
+                let len = payload.len();
+                let data = data_payload(head.flags, payload)?;
+                let end = head.flags & END_STREAM != 0;
+                if let Some(d) = self.diverted.get_mut(&head.stream) {
+                    if let Some(tx) = &d.body {
+                        let _ = tx.send(data);
+                    }
+                    if end {
+                        d.body = None;
+                        d.client_done = true;
+                        if d.answered {
+                            self.diverted.remove(&head.stream);
+                        }
+                    }
+                }
+                // The upstream never sees these bytes: give the client its
+                // window back.
+                if len > 0 {
+                    self.inject_window_update(0, len as u32);
+                    if !end {
+                        self.inject_window_update(head.stream, len as u32);
+                    }
+                }
+            }
+            RST_STREAM => {
+                if let Some(d) = self.diverted.remove(&head.stream) {
+                    d.task.abort();
+                } else if self.is_ours(head.stream) {
+                    // A stream we answered, or refused.
+                } else {
+                    if let Some(call) = self.calls.remove(&head.stream) {
+                        self.finish(call, "cancelled");
+                    }
+                    self.to_upstream.push(frame);
+                }
+            }
+            WINDOW_UPDATE => {
+                if payload.len() != 4 {
+                    return Err(protocol(Side::Client, "WINDOW_UPDATE of the wrong size"));
+                }
+                let inc = i64::from(
+                    u32::from_be_bytes(payload[..4].try_into().expect("4 bytes")) & 0x7fff_ffff,
+                );
+                if head.stream == 0 {
+                    self.window += inc;
+                    let repay = inc.min(self.debt);
+                    self.debt -= repay;
+                    if repay == 0 {
+                        self.to_upstream.push(frame);
+                    } else if inc > repay {
+                        self.to_upstream
+                            .push(window_update(0, (inc - repay) as u32));
+                    }
+                    self.held = false;
+                    self.send_pending();
+                } else if let Some(d) = self.diverted.get_mut(&head.stream) {
+                    d.window += inc;
+                    self.send_pending();
+                } else if self.is_ours(head.stream) {
+                    // For an answer already sent in full.
+                } else {
+                    self.to_upstream.push(frame);
+                }
+            }
+            SETTINGS => {
+                if head.flags & ACK == 0 {
+                    for s in payload.chunks_exact(6) {
+                        if u16::from_be_bytes([s[0], s[1]]) == SETTINGS_INITIAL_WINDOW_SIZE {
+                            let new = i64::from(u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+                            let delta = new - self.client_initial_window;
+                            self.client_initial_window = new;
+                            for d in self.diverted.values_mut() {
+                                d.window += delta;
+                            }
+                        }
+                    }
+                }
+                self.to_upstream.push(frame);
+                self.send_pending();
+            }
+            _ if self.is_ours(head.stream) => {}
+            _ => self.to_upstream.push(frame),
+        }
+        Ok(())
+    }
+
+    /// Whether frames on `stream` are for the relay rather than the upstream.
+    fn is_ours(&self, stream: u32) -> bool {
+        stream != 0 && (stream > self.upstream_max_id || self.diverted.contains_key(&stream))
+    }
+
+    fn inject_window_update(&mut self, stream: u32, inc: u32) {
+        self.inject_control(window_update(stream, inc));
+    }
+
+    /// A frame of our own for the client: now if the client-bound bytes are
+    /// at a frame boundary, else as soon as they are.
+    fn inject_control(&mut self, frame: Bytes) {
+        if self.can_inject() {
+            self.to_client.push(frame);
+        } else {
+            self.pending_control.push(frame);
+        }
+    }
+
+    /// A complete header block from the client.
+    fn client_block(&mut self, block: Block) -> Result<(), RelayError> {
+        let fields = decode(&mut self.client_blocks, Side::Client, &block.fragment)?;
+        let stream = block.stream;
+        let end_stream = block.flags & END_STREAM != 0;
+        if let Some(d) = self.diverted.get_mut(&stream) {
+            // Request trailers: the message is complete.
+            d.body = None;
+            d.client_done = true;
+            if d.answered {
+                self.diverted.remove(&stream);
+            }
+            return Ok(());
+        }
+        if stream % 2 == 0 {
+            return Err(protocol(Side::Client, "HEADERS on an even stream id"));
+        }
+        if stream <= self.last_stream && !self.calls.contains_key(&stream) {
+            // Trailers after the answer ended: the upstream knows the
+            // stream (as closed), unless it was one of ours.
+            if stream > self.upstream_max_id {
+                return Ok(());
+            }
+        } else if !self.calls.contains_key(&stream) {
+            // A new stream.
+            self.last_stream = stream;
+            if self.draining {
+                self.inject_control(rst_stream(stream, REFUSED_STREAM));
+                return Ok(());
+            }
+            let path = field(&fields, ":path").unwrap_or_default();
+            if path == PULL_IMAGE_PATH.as_bytes() {
+                self.divert(stream, fields, end_stream);
+                return Ok(());
+            }
+            self.upstream_max_id = stream;
+            self.calls.insert(
+                stream,
+                Call {
+                    method: String::from_utf8_lossy(path).into(),
+                    started: Instant::now(),
+                    status: None,
+                    answered: false,
+                },
+            );
+        }
+        let mut block = BytesMut::new();
+        if std::mem::take(&mut self.first_block) {
+            // We keep no dynamic table: say so once (size update to 0).
+            block.put_u8(0x20);
+        }
+        for (name, value) in &fields {
+            put_literal(&mut block, name, value);
+        }
+        let mut out = BytesMut::with_capacity(block.len() + 2 * FRAME_HEADER_LEN);
+        header_frames(&mut out, stream, end_stream, &block);
+        self.to_upstream.push(out.freeze());
+        Ok(())
+    }
+
+    fn divert(&mut self, stream: u32, fields: Fields, end_stream: bool) {
+        let (body_tx, body_rx) = mpsc::unbounded_channel();
+        let req = request_from(&fields, ChannelBody(body_rx));
+        let proxy = self.proxy.clone();
+        let events = self.events_tx.clone();
+        let task = tokio::spawn(async move {
+            let send = |out| {
+                let _ = events.send(Event { stream, out });
+            };
+            let resp = match req {
+                Some(req) => proxy.handle(req).await,
+                None => {
+                    tonic::Status::internal("ecr-pull-proxy: PullImage request headers unusable")
+                        .into_http()
+                }
+            };
+            let (parts, mut body) = resp.into_parts();
+            let end = body.is_end_stream();
+            send(Out::Head(parts, end));
+            if end {
+                return;
+            }
+            while let Some(frame) = body.frame().await {
+                match frame.map(|f| f.into_data()) {
+                    Ok(Ok(data)) => send(Out::Data(data)),
+                    Ok(Err(frame)) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            send(Out::Trailers(t));
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        send(Out::Reset);
+                        return;
+                    }
+                }
+            }
+            send(Out::End);
+        });
+        self.diverted.insert(
+            stream,
+            Diverted {
+                body: (!end_stream).then_some(body_tx),
+                client_done: end_stream,
+                answered: false,
+                task,
+                window: self.client_initial_window,
+                pending: VecDeque::new(),
+            },
+        );
+    }
+
+    // --- answers to diverted streams ---
+
+    fn on_event(&mut self, event: Event) {
+        if let Some(d) = self.diverted.get_mut(&event.stream) {
+            d.pending.push_back(event.out);
+            self.send_pending();
+        }
+    }
+
+    /// Sends what the diverted streams have ready and the windows allow.
+    fn send_pending(&mut self) {
+        if !self.can_inject() {
+            return;
+        }
+        for frame in self.pending_control.drain(..) {
+            self.to_client.push(frame);
+        }
+        let mut finished = Vec::new();
+        for (&stream, d) in self.diverted.iter_mut() {
+            while let Some(out) = d.pending.pop_front() {
+                let mut buf = BytesMut::new();
+                match out {
+                    Out::Head(parts, end) => {
+                        let mut block = BytesMut::new();
+                        let status = parts.status.as_u16();
+                        if status == 200 {
+                            block.put_u8(0x88);
+                        } else {
+                            put_literal(&mut block, b":status", status.to_string().as_bytes());
+                        }
+                        for (name, value) in &parts.headers {
+                            put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
+                        }
+                        header_frames(&mut buf, stream, end, &block);
+                        if end {
+                            finished.push(stream);
+                        }
+                    }
+                    Out::Data(mut data) => {
+                        let room = self.window.min(d.window).min(SEND_FRAME_SIZE as i64);
+                        if room <= 0 && !data.is_empty() {
+                            d.pending.push_front(Out::Data(data));
+                            break;
+                        }
+                        let n = (room.max(0) as usize).min(data.len());
+                        let part = data.split_to(n);
+                        put_head(&mut buf, n, DATA, 0, stream);
+                        buf.put_slice(&part);
+                        self.window -= n as i64;
+                        d.window -= n as i64;
+                        self.debt += n as i64;
+                        if !data.is_empty() {
+                            d.pending.push_front(Out::Data(data));
+                        }
+                    }
+                    Out::Trailers(trailers) => {
+                        let mut block = BytesMut::new();
+                        for (name, value) in &trailers {
+                            put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
+                        }
+                        header_frames(&mut buf, stream, true, &block);
+                        finished.push(stream);
+                    }
+                    Out::End => {
+                        put_head(&mut buf, 0, DATA, END_STREAM, stream);
+                        finished.push(stream);
+                    }
+                    Out::Reset => {
+                        buf.put_slice(&rst_stream(stream, CANCEL));
+                        finished.push(stream);
+                    }
+                }
+                self.to_client.push(buf.freeze());
+            }
+        }
+        for stream in finished {
+            if let Some(d) = self.diverted.get_mut(&stream) {
+                d.answered = true;
+                d.pending.clear();
+                if d.client_done {
+                    self.diverted.remove(&stream);
+                }
+            }
+        }
+    }
+
+    // --- upstream → client ---
+
+    fn on_upstream_bytes(&mut self) -> Result<(), RelayError> {
+        loop {
+            let inb = &mut self.from_upstream;
+            if inb.passing > 0 {
+                if inb.buf.is_empty() {
+                    return Ok(());
+                }
+                let n = inb.passing.min(inb.buf.len());
+                inb.passing -= n;
+                let part = inb.buf.split_to(n).freeze();
+                self.to_client.push(part);
+                if self.from_upstream.passing == 0 {
+                    self.send_pending();
+                }
+                continue;
+            }
+            if inb.buf.len() < FRAME_HEADER_LEN {
+                return Ok(());
+            }
+            let head = Head::parse(&inb.buf);
+            if head.len > MAX_FRAME_PAYLOAD {
+                return Err(protocol(Side::Upstream, "frame larger than HTTP/2 allows"));
+            }
+            if head.kind == DATA && inb.block.is_none() {
+                if self.window < head.len as i64 {
+                    // Diverted answers used the client's window; wait for
+                    // its WINDOW_UPDATE.
+                    self.held = true;
+                    return Ok(());
+                }
+                self.window -= head.len as i64;
+                let n = (FRAME_HEADER_LEN + head.len).min(inb.buf.len());
+                inb.passing = FRAME_HEADER_LEN + head.len - n;
+                let part = inb.buf.split_to(n).freeze();
+                self.to_client.push(part);
+                if head.flags & END_STREAM != 0 {
+                    if let Some(call) = self.calls.remove(&head.stream) {
+                        self.finish(call, "complete");
+                    }
+                }
+                if self.from_upstream.passing == 0 {
+                    self.send_pending();
+                }
+                continue;
+            }
+            if inb.buf.len() < FRAME_HEADER_LEN + head.len {
+                return Ok(());
+            }
+            let frame = inb.buf.split_to(FRAME_HEADER_LEN + head.len).freeze();
+            self.upstream_frame(head, frame)?;
+            self.send_pending();
+        }
+    }
+
+    fn upstream_frame(&mut self, head: Head, frame: Bytes) -> Result<(), RelayError> {
+        let payload = frame.slice(FRAME_HEADER_LEN..);
+        if self.from_upstream.block.is_some() && head.kind != CONTINUATION {
+            return Err(protocol(
+                Side::Upstream,
+                "another frame inside a header block",
+            ));
+        }
+        match head.kind {
+            HEADERS => {
+                let fragment = headers_fragment(Side::Upstream, head.flags, &payload)?;
+                let block = Block {
+                    stream: head.stream,
+                    flags: head.flags,
+                    raw: vec![frame.clone()],
+                    fragment: BytesMut::from(fragment),
+                };
+                if head.flags & END_HEADERS != 0 {
+                    self.upstream_block(block)?;
+                } else {
+                    self.from_upstream.block = Some(block);
+                }
+            }
+            CONTINUATION => {
+                let Some(block) = self.from_upstream.block.as_mut() else {
+                    return Err(protocol(Side::Upstream, "CONTINUATION without HEADERS"));
+                };
+                if block.fragment.len() + payload.len() > MAX_HEADER_LIST_SIZE as usize {
+                    return Err(protocol(Side::Upstream, "header block too large"));
+                }
+                block.fragment.extend_from_slice(&payload);
+                block.raw.push(frame);
+                if head.flags & END_HEADERS != 0 {
+                    let block = self.from_upstream.block.take().expect("checked above");
+                    self.upstream_block(block)?;
+                }
+            }
+            RST_STREAM => {
+                if let Some(call) = self.calls.remove(&head.stream) {
+                    self.finish(call, "reset-by-upstream");
+                }
+                self.to_client.push(frame);
+            }
+            GOAWAY => {
+                // containerd is going away: no new calls on this connection.
+                let code = payload
+                    .get(4..8)
+                    .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")))
+                    .unwrap_or(0);
+                if code == 0 {
+                    tracing::debug!("upstream sent GOAWAY");
+                } else {
+                    tracing::warn!(
+                        h2_error_code = code,
+                        upstream = %self.proxy.upstream().path().display(),
+                        "upstream closed the connection for a protocol error"
+                    );
+                }
+                self.draining = true;
+                self.to_client.push(frame);
+            }
+            _ => self.to_client.push(frame),
+        }
+        Ok(())
+    }
+
+    fn upstream_block(&mut self, block: Block) -> Result<(), RelayError> {
+        let fields = decode(&mut self.upstream_blocks, Side::Upstream, &block.fragment)?;
+        for raw in block.raw {
+            self.to_client.push(raw);
+        }
+        if let Some(call) = self.calls.get_mut(&block.stream) {
+            call.answered = true;
+            if let Some(s) = field(&fields, "grpc-status") {
+                call.status = Some(String::from_utf8_lossy(s).into_owned());
+            }
+            if block.flags & END_STREAM != 0 {
+                let call = self.calls.remove(&block.stream).expect("present");
+                self.finish(call, "complete");
+            }
+        }
+        Ok(())
+    }
+
+    /// The upstream closed the connection: calls in flight on it fail with
+    /// `Unavailable` naming the upstream, and the client is told to go away.
+    fn on_upstream_gone(&mut self, error: Option<io::Error>) {
+        self.upstream_gone = true;
+        let path = self.proxy.upstream().path().display().to_string();
+        let reason = match &error {
+            Some(e) => crate::error_chain(e),
+            None => "connection closed".to_owned(),
+        };
+        self.proxy.upstream().mark_down();
+        if !self.calls.is_empty() || error.is_some() {
+            tracing::warn!(upstream = %path, error = %reason, in_flight = self.calls.len(), "upstream connection lost");
+        } else {
+            tracing::info!(upstream = %path, "upstream closed an idle connection; asking the client to reconnect");
+        }
+        if !self.can_inject() {
+            // Half a frame went out: nothing more can be said on this
+            // connection.
+            self.from_client.eof = true;
+            return;
+        }
+        let message = format!("ecr-pull-proxy: upstream {path} unavailable: {reason}");
+        let calls: Vec<(u32, Call)> = self.calls.drain().collect();
+        for (stream, mut call) in calls {
+            let mut block = BytesMut::new();
+            if !call.answered {
+                block.put_u8(0x88);
+                put_literal(&mut block, b"content-type", b"application/grpc");
+            }
+            put_literal(&mut block, b"grpc-status", GRPC_UNAVAILABLE.as_bytes());
+            put_literal(
+                &mut block,
+                b"grpc-message",
+                percent_encode(&message).as_bytes(),
+            );
+            let mut out = BytesMut::new();
+            header_frames(&mut out, stream, true, &block);
+            self.to_client.push(out.freeze());
+            call.status = Some(GRPC_UNAVAILABLE.to_owned());
+            self.finish(call, "upstream-error");
+        }
+        self.start_drain();
+    }
+
+    fn finish(&self, call: Call, outcome: &str) {
+        let elapsed = call.started.elapsed();
+        self.metrics.observe_call(
+            &call.method,
+            call.status.as_deref(),
+            outcome == "cancelled",
+            elapsed,
+        );
+        tracing::debug!(
+            method = %call.method,
+            grpc_status = call.status.as_deref().unwrap_or("-"),
+            outcome,
+            duration_us = elapsed.as_micros() as u64,
+            "call"
+        );
+    }
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// An `http::Request` from a decoded request header block.
+fn request_from(fields: &Fields, body: ChannelBody) -> Option<Request<ProxyBody>> {
+    let mut builder = Request::builder().version(http::Version::HTTP_2);
+    let (mut scheme, mut authority, mut path) = ("http", "localhost", "/");
+    for (name, value) in fields {
+        let value_str = std::str::from_utf8(value).ok();
+        match name.as_ref() {
+            b":method" => builder = builder.method(value.as_ref()),
+            b":scheme" => scheme = value_str?,
+            b":authority" => authority = value_str?,
+            b":path" => path = value_str?,
+            n if n.starts_with(b":") => {}
+            _ => builder = builder.header(name.as_ref(), value.as_ref()),
+        }
+    }
+    let uri = format!("{scheme}://{authority}{path}");
+    builder.uri(uri).body(body.boxed_unsync()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_blocks_decode_to_what_was_encoded() {
+        let mut block = BytesMut::new();
+        block.put_u8(0x20);
+        block.put_u8(0x88);
+        put_literal(&mut block, b"grpc-message", &vec![b'x'; 300]);
+        let fields = decode(&mut Decoder::new(), Side::Client, &block).unwrap();
+        assert_eq!(fields[0].0.as_ref(), b":status");
+        assert_eq!(fields[0].1.as_ref(), b"200");
+        assert_eq!(fields[1].1.len(), 300);
+    }
+
+    #[test]
+    fn long_blocks_are_split_into_continuations() {
+        let block = vec![0u8; SEND_FRAME_SIZE * 2 + 1];
+        let mut out = BytesMut::new();
+        header_frames(&mut out, 3, true, &block);
+        let heads: Vec<Head> = {
+            let mut v = Vec::new();
+            let mut b = &out[..];
+            while !b.is_empty() {
+                let h = Head::parse(b);
+                b = &b[FRAME_HEADER_LEN + h.len..];
+                v.push(h);
+            }
+            v
+        };
+        let kinds: Vec<(u8, u8)> = heads.iter().map(|h| (h.kind, h.flags)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (HEADERS, END_STREAM),
+                (CONTINUATION, 0),
+                (CONTINUATION, END_HEADERS)
+            ]
+        );
+    }
+
+    #[test]
+    fn padding_and_priority_are_stripped_from_headers() {
+        let mut payload = vec![2u8]; // pad length
+        payload.extend_from_slice(&[0, 0, 0, 1, 16]); // priority
+        payload.extend_from_slice(b"abc");
+        payload.extend_from_slice(&[0, 0]);
+        let f = headers_fragment(Side::Client, PADDED | PRIORITY_FLAG, &payload).unwrap();
+        assert_eq!(f, b"abc");
+        assert!(headers_fragment(Side::Client, PADDED, &[9, 1]).is_err());
+    }
+}
