@@ -1233,7 +1233,21 @@ fn request_from(fields: &Fields, body: ChannelBody) -> Option<Request<ProxyBody>
             _ => builder = builder.header(name.as_ref(), value.as_ref()),
         }
     }
-    let uri = format!("{scheme}://{authority}{path}");
+    // gRPC C-core callers on a Unix socket send the socket path as
+    // :authority, which is no URI authority; containerd ignores it anyway.
+    let uri = http::Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .or_else(|_| {
+            http::Uri::builder()
+                .scheme("http")
+                .authority("localhost")
+                .path_and_query(path)
+                .build()
+        })
+        .ok()?;
     builder.uri(uri).body(body.boxed_unsync()).ok()
 }
 
@@ -1277,6 +1291,31 @@ mod tests {
                 (CONTINUATION, END_HEADERS)
             ]
         );
+    }
+
+    #[test]
+    fn a_socket_path_as_authority_still_makes_a_request() {
+        // What gRPC C-core (grpcio) sends on a Unix socket.
+        let fields: Fields = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", PULL_IMAGE_PATH),
+            (":authority", "/run/ecr-pull-proxy/ecr-pull-proxy.sock"),
+            ("content-type", "application/grpc"),
+        ]
+        .iter()
+        .map(|(n, v)| {
+            (
+                Bytes::from_static(n.as_bytes()),
+                Bytes::from_static(v.as_bytes()),
+            )
+        })
+        .collect();
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let req = request_from(&fields, ChannelBody(rx)).expect("a request");
+        assert_eq!(req.uri().path(), PULL_IMAGE_PATH);
+        assert_eq!(req.uri().authority().unwrap().as_str(), "localhost");
+        assert_eq!(req.headers()["content-type"], "application/grpc");
     }
 
     #[test]
