@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use nix::sys::stat::Mode;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -22,6 +21,9 @@ use crate::proxy::{
 
 /// Mode of the socket's parent directory when the proxy creates it.
 pub const SOCKET_DIR_MODE: u32 = 0o755;
+/// How often a client connection served while the upstream was down checks
+/// whether the upstream answers again.
+pub const UPSTREAM_RECHECK: Duration = Duration::from_secs(2);
 /// Most concurrent calls per client connection (containerd allows more;
 /// kubelet uses one connection).
 pub const MAX_CONCURRENT_STREAMS: u32 = 10_000;
@@ -203,7 +205,6 @@ pub async fn serve(
         // Byte for byte: containerd's answers reach the caller without a
         // `date` header of ours.
         .auto_date_header(false);
-    let graceful = GracefulShutdown::new();
     let (drain, draining) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -212,9 +213,8 @@ pub async fn serve(
                 Ok((stream, _)) => {
                     let proxy = proxy.clone();
                     let builder = builder.clone();
-                    let watcher = graceful.watcher();
                     let draining = draining.clone();
-                    tokio::spawn(serve_connection(stream, proxy, builder, watcher, draining));
+                    tokio::spawn(serve_connection(stream, proxy, builder, draining));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -233,11 +233,9 @@ pub async fn serve(
         grace_s = grace.as_secs(),
         "stopped accepting; draining in-flight calls"
     );
+    // Every connection task holds a receiver: all gone means all drained.
     let _ = drain.send(true);
-    let drained = async {
-        tokio::join!(graceful.shutdown(), drain.closed());
-    };
-    match tokio::time::timeout(grace, drained).await {
+    match tokio::time::timeout(grace, drain.closed()).await {
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!("grace period over; cutting the calls still in flight"),
     }
@@ -247,7 +245,6 @@ async fn serve_connection(
     stream: UnixStream,
     proxy: Proxy,
     builder: hyper::server::conn::http2::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
     draining: watch::Receiver<bool>,
 ) {
     let upstream = tokio::time::timeout(DIAL_TIMEOUT, UnixStream::connect(proxy.upstream().path()));
@@ -260,9 +257,9 @@ async fn serve_connection(
         }
         Ok(Err(e)) => {
             tracing::debug!(upstream = %proxy.upstream().path().display(), error = &e as &dyn std::error::Error, "cannot dial upstream; serving this connection without it");
-            serve_http2(stream, proxy, builder, watcher).await
+            serve_http2(stream, proxy, builder, draining).await
         }
-        Err(_) => serve_http2(stream, proxy, builder, watcher).await,
+        Err(_) => serve_http2(stream, proxy, builder, draining).await,
     };
     if let Err(e) = result {
         if is_disconnect(&*e) {
@@ -274,19 +271,54 @@ async fn serve_connection(
 }
 
 /// Serves a connection with the HTTP/2 server, each call through
-/// [`Proxy::handle`].
+/// [`Proxy::handle`], until the client leaves or `draining` turns true.
+/// Meanwhile it checks every [`UPSTREAM_RECHECK`] whether the upstream
+/// answers again; once it does, the client is asked (GOAWAY) to reconnect,
+/// so that its next connection gets the relay.
 async fn serve_http2(
     stream: UnixStream,
     proxy: Proxy,
     builder: hyper::server::conn::http2::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut draining: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let svc_proxy = proxy.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let proxy = proxy.clone();
+        let proxy = svc_proxy.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req.map(boxed)).await) }
     });
-    watcher
-        .watch(builder.serve_connection(TokioIo::new(stream), svc))
-        .await
-        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    let mut conn = std::pin::pin!(conn);
+    let mut recheck = tokio::time::interval(UPSTREAM_RECHECK);
+    recheck.tick().await;
+    let mut probing: Option<std::pin::Pin<Box<dyn Future<Output = bool> + Send>>> = None;
+    let mut closing = *draining.borrow_and_update();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                return result.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            _ = draining.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = recheck.tick(), if !closing && probing.is_none() => {
+                let proxy = proxy.clone();
+                probing = Some(Box::pin(async move { proxy.upstream().probe().await.is_ok() }));
+            }
+            up = async { probing.as_mut().expect("guarded").await }, if probing.is_some() => {
+                probing = None;
+                if up && !closing {
+                    tracing::info!(
+                        upstream = %proxy.upstream().path().display(),
+                        "upstream answers again; asking a client served without it to reconnect"
+                    );
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
 }

@@ -695,3 +695,32 @@ async fn upstream_closing_mid_call_is_unavailable_naming_the_socket() {
         proxy.logs()
     );
 }
+
+/// kubelet keeps its connection for days: one made while containerd was
+/// down must not stay on the slower path once containerd is back.
+#[tokio::test]
+async fn a_connection_made_while_upstream_was_down_is_asked_to_reconnect_once_it_is_back() {
+    let dir = support::short_tempdir();
+    let up = dir.path().join("up.sock");
+    let proxy = ProxyProcess::start(dir.path(), &up, ProxyOptions::default());
+    let channel = proxy.channel();
+    let err = raw::image_fs_info(channel.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(!proxy.logs().contains("asking a client served without it"));
+
+    let _upstream = ScriptedUpstream::start(&up).await;
+    support::eventually(
+        Duration::from_secs(10),
+        "the proxy to ask the client to reconnect",
+        || {
+            proxy
+                .logs()
+                .contains("upstream answers again; asking a client served without it to reconnect")
+        },
+    )
+    .await;
+    // The same channel goes on working, on its new connection.
+    raw::image_fs_info(channel.clone()).await.unwrap();
+    raw::image_fs_info(channel).await.unwrap();
+    assert!(!proxy.logs().contains("closed a client connection"));
+}
