@@ -71,7 +71,21 @@ const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY_FLAG: u8 = 0x20;
 
+const PING: u8 = 0x6;
 const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+/// The payload of the PING that follows the first GOAWAY: its ACK means
+/// every stream the client opened before it saw the GOAWAY has arrived.
+const DRAIN_PING: [u8; 8] = *b"eppdrain";
+/// How often a connection whose upstream went away checks whether the
+/// upstream answers again (and the HTTP/2 server path likewise).
+pub const UPSTREAM_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// The least time between two such checks when calls prompt them.
+const RECHECK_MIN_GAP: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long to wait for that ACK before the final GOAWAY.
+const DRAIN_PING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// The highest stream id: a GOAWAY carrying it announces the end without
+/// refusing anything yet (RFC 9113 §6.8).
+const MAX_STREAM_ID: u32 = 0x7fff_ffff;
 const REFUSED_STREAM: u32 = 0x7;
 const CANCEL: u32 = 0x8;
 /// gRPC `Unavailable`.
@@ -164,6 +178,13 @@ fn rst_stream(stream: u32, code: u32) -> Bytes {
     let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + 4);
     put_head(&mut out, 4, RST_STREAM, 0, stream);
     out.put_u32(code);
+    out.freeze()
+}
+
+fn ping(payload: [u8; 8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + 8);
+    put_head(&mut out, 8, PING, 0, 0);
+    out.put_slice(&payload);
     out.freeze()
 }
 
@@ -473,6 +494,11 @@ pub async fn relay(
         upstream_max_id: 0,
         last_stream: 0,
         draining: false,
+        announced: None,
+        gone_message: None,
+        recheck_at: None,
+        probe: None,
+        last_probe: None,
         upstream_gone: false,
         events_tx,
     };
@@ -521,8 +547,20 @@ struct Relay {
     /// which would take them for a protocol error.
     upstream_max_id: u32,
     last_stream: u32,
-    /// GOAWAY has been sent to the client.
+    /// The final GOAWAY has been sent to the client: new streams are refused
+    /// and the connection ends once the calls in flight have.
     draining: bool,
+    /// The first GOAWAY (highest stream id) and its PING went out; the final
+    /// one follows the PING's ACK, or this deadline.
+    announced: Option<Instant>,
+    /// Once the upstream is gone: what calls on this connection are told.
+    gone_message: Option<String>,
+    /// When to check next whether the upstream answers again.
+    recheck_at: Option<Instant>,
+    /// That check, running.
+    probe: Option<JoinHandle<bool>>,
+    /// When the last check started.
+    last_probe: Option<Instant>,
     upstream_gone: bool,
     events_tx: mpsc::UnboundedSender<Event>,
 }
@@ -589,11 +627,46 @@ impl Relay {
                         self.start_drain();
                     }
                 }
+                () = tokio::time::sleep_until(self.announced.unwrap_or_else(Instant::now)),
+                    if self.announced.is_some() && !self.draining => self.final_goaway(),
+                () = tokio::time::sleep_until(self.recheck_at.unwrap_or_else(Instant::now)),
+                    if self.recheck_at.is_some() && self.announced.is_none() => {
+                    self.recheck_at = None;
+                    self.last_probe = Some(Instant::now());
+                    let proxy = self.proxy.clone();
+                    self.probe = Some(tokio::spawn(async move {
+                        proxy.upstream().probe().await.is_ok()
+                    }));
+                }
+                up = async { self.probe.as_mut().expect("guarded").await },
+                    if self.probe.is_some() => {
+                    self.probe = None;
+                    if up.unwrap_or(false) {
+                        tracing::info!(
+                            upstream = %self.proxy.upstream().path().display(),
+                            "upstream answers again; asking a client served without it to reconnect"
+                        );
+                        self.start_drain();
+                    } else {
+                        self.recheck_at = Some(Instant::now() + UPSTREAM_RECHECK);
+                    }
+                }
             }
         }
     }
 
+    /// Starts the two-step GOAWAY of RFC 9113 §6.8: first the highest
+    /// stream id and a PING, so that streams the client opens meanwhile are
+    /// still served; then, once the PING comes back, the last stream seen.
     fn start_drain(&mut self) {
+        if self.announced.is_none() && !self.draining {
+            self.announced = Some(Instant::now() + DRAIN_PING_WAIT);
+            self.inject_control(goaway(MAX_STREAM_ID));
+            self.inject_control(ping(DRAIN_PING));
+        }
+    }
+
+    fn final_goaway(&mut self) {
         if !self.draining {
             self.draining = true;
             self.inject_control(goaway(self.last_stream));
@@ -780,6 +853,9 @@ impl Relay {
                 self.to_upstream.push(frame);
                 self.send_pending();
             }
+            PING if head.flags & ACK != 0 && payload[..] == DRAIN_PING[..] => {
+                self.final_goaway();
+            }
             _ if self.is_ours(head.stream) => {}
             _ => self.to_upstream.push(frame),
         }
@@ -837,7 +913,30 @@ impl Relay {
             }
             let path = field(&fields, ":path").unwrap_or_default();
             if path == PULL_IMAGE_PATH.as_bytes() {
+                // Pulls go on the shared connection, which redials.
                 self.divert(stream, fields, end_stream);
+                return Ok(());
+            }
+            if let Some(message) = &self.gone_message {
+                let mut out = BytesMut::new();
+                header_frames(&mut out, stream, true, &unavailable_block(message, false));
+                self.inject_control(out.freeze());
+                self.metrics.observe_call(
+                    &String::from_utf8_lossy(path),
+                    Some(GRPC_UNAVAILABLE),
+                    false,
+                    std::time::Duration::ZERO,
+                );
+                // A call is a good moment to look again (at most every
+                // RECHECK_MIN_GAP).
+                if self.probe.is_none()
+                    && self.announced.is_none()
+                    && self
+                        .last_probe
+                        .is_none_or(|t| t.elapsed() >= RECHECK_MIN_GAP)
+                {
+                    self.recheck_at = Some(Instant::now());
+                }
                 return Ok(());
             }
             self.upstream_max_id = stream;
@@ -1117,7 +1216,8 @@ impl Relay {
                         "upstream closed the connection for a protocol error"
                     );
                 }
-                self.draining = true;
+                // The client sees it and stops opening streams here; the
+                // connection ends when containerd closes it.
                 self.to_client.push(frame);
             }
             _ => self.to_client.push(frame),
@@ -1143,8 +1243,9 @@ impl Relay {
         Ok(())
     }
 
-    /// The upstream closed the connection: calls in flight on it fail with
-    /// `Unavailable` naming the upstream, and the client is told to go away.
+    /// The upstream closed the connection: calls in flight on it, and calls
+    /// made on this connection until the upstream is back, fail with
+    /// `Unavailable` naming the upstream.
     fn on_upstream_gone(&mut self, error: Option<io::Error>) {
         self.upstream_gone = true;
         let path = self.proxy.upstream().path().display().to_string();
@@ -1156,7 +1257,7 @@ impl Relay {
         if !self.calls.is_empty() || error.is_some() {
             tracing::warn!(upstream = %path, error = %reason, in_flight = self.calls.len(), "upstream connection lost");
         } else {
-            tracing::info!(upstream = %path, "upstream closed an idle connection; asking the client to reconnect");
+            tracing::info!(upstream = %path, "upstream closed an idle connection; calls on it answer Unavailable until it is back");
         }
         if !self.can_inject() {
             // Half a frame went out: nothing more can be said on this
@@ -1167,24 +1268,22 @@ impl Relay {
         let message = format!("ecr-pull-proxy: upstream {path} unavailable: {reason}");
         let calls: Vec<(u32, Call)> = self.calls.drain().collect();
         for (stream, mut call) in calls {
-            let mut block = BytesMut::new();
-            if !call.answered {
-                block.put_u8(0x88);
-                put_literal(&mut block, b"content-type", b"application/grpc");
-            }
-            put_literal(&mut block, b"grpc-status", GRPC_UNAVAILABLE.as_bytes());
-            put_literal(
-                &mut block,
-                b"grpc-message",
-                percent_encode(&message).as_bytes(),
-            );
             let mut out = BytesMut::new();
-            header_frames(&mut out, stream, true, &block);
+            header_frames(
+                &mut out,
+                stream,
+                true,
+                &unavailable_block(&message, call.answered),
+            );
             self.to_client.push(out.freeze());
             call.status = Some(GRPC_UNAVAILABLE.to_owned());
             self.finish(call, "upstream-error");
         }
-        self.start_drain();
+        self.gone_message = Some(message);
+        // The client keeps this connection, and its calls get a clear answer
+        // until the upstream is back; then it is asked to reconnect. (A
+        // GOAWAY now would fail the calls racing it in some clients.)
+        self.recheck_at = Some(Instant::now() + UPSTREAM_RECHECK);
     }
 
     fn finish(&self, call: Call, outcome: &str) {
@@ -1203,6 +1302,23 @@ impl Relay {
             "call"
         );
     }
+}
+
+/// The header block that ends a call with `Unavailable` and `message`: a
+/// trailers-only answer, or trailers when the answer's headers went out.
+fn unavailable_block(message: &str, answered: bool) -> BytesMut {
+    let mut block = BytesMut::new();
+    if !answered {
+        block.put_u8(0x88);
+        put_literal(&mut block, b"content-type", b"application/grpc");
+    }
+    put_literal(&mut block, b"grpc-status", GRPC_UNAVAILABLE.as_bytes());
+    put_literal(
+        &mut block,
+        b"grpc-message",
+        percent_encode(message).as_bytes(),
+    );
+    block
 }
 
 /// `grpc-message` is percent-encoded (gRPC over HTTP/2).

@@ -18,12 +18,10 @@ use tokio::sync::watch;
 use crate::proxy::{
     boxed, Proxy, CONNECTION_WINDOW, DIAL_TIMEOUT, MAX_HEADER_LIST_SIZE, STREAM_WINDOW,
 };
+use crate::relay::UPSTREAM_RECHECK;
 
 /// Mode of the socket's parent directory when the proxy creates it.
 pub const SOCKET_DIR_MODE: u32 = 0o755;
-/// How often a client connection served while the upstream was down checks
-/// whether the upstream answers again.
-pub const UPSTREAM_RECHECK: Duration = Duration::from_secs(2);
 /// Most concurrent calls per client connection (containerd allows more;
 /// kubelet uses one connection).
 pub const MAX_CONCURRENT_STREAMS: u32 = 10_000;

@@ -251,9 +251,19 @@ async fn containerd_restart_needs_no_proxy_restart() {
     );
 
     s.containerd.restart();
-    c.image_fs_info(cri::ImageFsInfoRequest {})
-        .await
-        .expect("works again without a proxy restart");
+    // The proxy notices within a second (sooner when calls prompt it) and
+    // asks the client to reconnect; calls meanwhile answer Unavailable.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.image_fs_info(cri::ImageFsInfoRequest {}).await {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = e;
+            }
+            Err(e) => panic!("no call works again without a proxy restart: {e:?}"),
+        }
+    }
     pull(proxy.channel(), &format!("{ECR_HOST}/app:v1"), None)
         .await
         .expect("pull after restart");
