@@ -387,16 +387,31 @@ impl Inbound {
     }
 
     /// Reads what the socket has; false when it had nothing after all.
-    fn read(&mut self, io: &UnixStream) -> io::Result<bool> {
+    ///
+    /// A read shorter than the room given took everything the socket had.
+    /// With `settled`, the socket's readiness is then cleared at once, which
+    /// saves the read that would only return EAGAIN (one system call per
+    /// wake-up, two per call). That is sound only where tokio's I/O driver
+    /// cannot run between the read and the clearing: on a current-thread
+    /// runtime, where it runs only between task polls.
+    fn read(&mut self, io: &UnixStream, settled: bool) -> io::Result<bool> {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
             self.buf.reserve(READ_CHUNK);
         }
+        let room = self.buf.capacity() - self.buf.len();
         match io.try_read_buf(&mut self.buf) {
             Ok(0) => {
                 self.eof = true;
                 Ok(true)
             }
-            Ok(_) => Ok(true),
+            Ok(n) => {
+                if settled && n < room {
+                    let _ = io.try_io(tokio::io::Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
+                }
+                Ok(true)
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(e) => Err(e),
         }
@@ -500,6 +515,8 @@ pub async fn relay(
         probe: None,
         last_probe: None,
         upstream_gone: false,
+        settled: tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread,
         events_tx,
     };
     let result = relay.run(events, drain).await;
@@ -562,6 +579,8 @@ struct Relay {
     /// When the last check started.
     last_probe: Option<Instant>,
     upstream_gone: bool,
+    /// Reads may clear readiness themselves (see [`Inbound::read`]).
+    settled: bool,
     events_tx: mpsc::UnboundedSender<Event>,
 }
 
@@ -601,7 +620,7 @@ impl Relay {
             tokio::select! {
                 r = self.client.readable(), if read_client => {
                     r?;
-                    if self.from_client.read(&self.client)? {
+                    if self.from_client.read(&self.client, self.settled)? {
                         let held = self.held;
                         self.on_client_bytes()?;
                         if held && !self.held {
@@ -611,7 +630,7 @@ impl Relay {
                 }
                 r = self.upstream.readable(), if read_upstream => {
                     r?;
-                    match self.from_upstream.read(&self.upstream) {
+                    match self.from_upstream.read(&self.upstream, self.settled) {
                         Ok(true) if self.from_upstream.eof => self.on_upstream_gone(None),
                         Ok(true) => self.on_upstream_bytes()?,
                         Ok(false) => {}
