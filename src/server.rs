@@ -157,7 +157,12 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<Listening, Ser
 fn is_disconnect(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
+        // `transparent` hides the relay's own io::Error from `source()`.
+        let io = match e.downcast_ref::<crate::relay::RelayError>() {
+            Some(crate::relay::RelayError::Io(io)) => Some(io),
+            _ => e.downcast_ref::<io::Error>(),
+        };
+        if let Some(io) = io {
             return matches!(
                 io.kind(),
                 io::ErrorKind::BrokenPipe
@@ -318,5 +323,27 @@ async fn serve_http2(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::RelayError;
+
+    #[test]
+    fn a_client_hanging_up_on_the_relay_is_a_disconnect_not_a_warning() {
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::UnexpectedEof,
+        ] {
+            let err = RelayError::Io(io::Error::from(kind));
+            assert!(is_disconnect(&err), "{kind:?}");
+        }
+        assert!(!is_disconnect(&RelayError::Preface));
+        assert!(!is_disconnect(&RelayError::Io(io::Error::from(
+            io::ErrorKind::InvalidData
+        ))));
     }
 }
