@@ -875,6 +875,13 @@ impl Relay {
             PING if head.flags & ACK != 0 && payload[..] == DRAIN_PING[..] => {
                 self.final_goaway();
             }
+            PING if head.flags & ACK == 0 && self.upstream_gone && payload.len() == 8 => {
+                // Nobody else is there to answer it.
+                let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + 8);
+                put_head(&mut out, 8, PING, ACK, 0);
+                out.put_slice(&payload);
+                self.inject_control(out.freeze());
+            }
             _ if self.is_ours(head.stream) => {}
             _ => self.to_upstream.push(frame),
         }
@@ -1273,10 +1280,10 @@ impl Relay {
             None => "connection closed".to_owned(),
         };
         self.proxy.upstream().mark_down();
-        if !self.calls.is_empty() || error.is_some() {
+        if !self.calls.is_empty() {
             tracing::warn!(upstream = %path, error = %reason, in_flight = self.calls.len(), "upstream connection lost");
         } else {
-            tracing::info!(upstream = %path, "upstream closed an idle connection; calls on it answer Unavailable until it is back");
+            tracing::info!(upstream = %path, error = %reason, "upstream closed an idle connection; calls on it answer Unavailable until it is back");
         }
         if !self.can_inject() {
             // Half a frame went out: nothing more can be said on this

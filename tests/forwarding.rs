@@ -724,3 +724,54 @@ async fn a_connection_made_while_upstream_was_down_is_asked_to_reconnect_once_it
     raw::image_fs_info(channel).await.unwrap();
     assert!(!proxy.logs().contains("closed a client connection"));
 }
+
+/// containerd closing an idle connection: the caller keeps it, and until
+/// containerd answers again its calls get Unavailable naming the socket
+/// and its pings are answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_the_upstream_closed_answers_unavailable_and_pings() {
+    let dir = support::short_tempdir();
+    let sock = dir.path().join("up.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (io, _) = listener.accept().await.unwrap();
+            // Shake hands, then close.
+            tokio::spawn(async move { drop(h2::server::handshake(io).await) });
+        }
+    });
+    let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
+    let io = tokio::net::UnixStream::connect(&proxy.socket)
+        .await
+        .unwrap();
+    let (client, mut conn) = h2::client::handshake(io).await.unwrap();
+    let mut pings = conn.ping_pong().expect("ping_pong taken once");
+    tokio::spawn(conn);
+    support::eventually(Duration::from_secs(5), "the upstream to close", || {
+        proxy
+            .logs()
+            .contains("calls on it answer Unavailable until it is back")
+    })
+    .await;
+
+    let req = http::Request::post("http://localhost/runtime.v1.ImageService/ImageStatus")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut client = client.ready().await.unwrap();
+    let (resp, mut body) = client.send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.headers()["grpc-status"], "14", "{resp:?}");
+    let message = resp.headers()["grpc-message"].to_str().unwrap();
+    assert!(message.contains(sock.to_str().unwrap()), "{message}");
+
+    tokio::time::timeout(Duration::from_secs(2), pings.ping(h2::Ping::opaque()))
+        .await
+        .expect("a pong")
+        .unwrap();
+    let logs = proxy.logs();
+    assert!(!logs.contains("closed a client connection"), "{logs}");
+}
