@@ -417,6 +417,88 @@ impl Inbound {
         }
     }
 
+    /// The next frame's header, once all nine bytes are here.
+    fn next_head(&self, side: Side) -> Result<Option<Head>, RelayError> {
+        if self.buf.len() < FRAME_HEADER_LEN {
+            return Ok(None);
+        }
+        let head = Head::parse(&self.buf);
+        if head.len > MAX_FRAME_PAYLOAD {
+            return Err(protocol(side, "frame larger than HTTP/2 allows"));
+        }
+        Ok(Some(head))
+    }
+
+    /// Starts passing on the frame `head` describes: returns what is here
+    /// of it, and [`Inbound::next_passing`] returns the rest as it comes.
+    fn start_passing(&mut self, head: Head) -> Bytes {
+        let n = (FRAME_HEADER_LEN + head.len).min(self.buf.len());
+        self.passing = FRAME_HEADER_LEN + head.len - n;
+        self.buf.split_to(n).freeze()
+    }
+
+    /// More of the frame being passed on, if any has arrived.
+    fn next_passing(&mut self) -> Option<Bytes> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let n = self.passing.min(self.buf.len());
+        self.passing -= n;
+        Some(self.buf.split_to(n).freeze())
+    }
+
+    /// Gathers a header block from a HEADERS frame and its CONTINUATION
+    /// frames; returns it once whole. With `keep_raw`, the frames are kept
+    /// too, to be passed on as they are.
+    fn gather(
+        &mut self,
+        side: Side,
+        head: Head,
+        frame: &Bytes,
+        keep_raw: bool,
+    ) -> Result<Option<Block>, RelayError> {
+        let payload = &frame[FRAME_HEADER_LEN..];
+        let raw = || {
+            if keep_raw {
+                vec![frame.clone()]
+            } else {
+                Vec::new()
+            }
+        };
+        if head.kind == HEADERS {
+            if head.stream == 0 {
+                return Err(protocol(side, "HEADERS on stream 0"));
+            }
+            let fragment = headers_fragment(side, head.flags, payload)?;
+            let block = Block {
+                stream: head.stream,
+                flags: head.flags,
+                raw: raw(),
+                fragment: BytesMut::from(fragment),
+            };
+            if head.flags & END_HEADERS != 0 {
+                return Ok(Some(block));
+            }
+            self.block = Some(block);
+            return Ok(None);
+        }
+        let Some(block) = self.block.as_mut() else {
+            return Err(protocol(side, "CONTINUATION without HEADERS"));
+        };
+        if block.stream != head.stream {
+            return Err(protocol(side, "CONTINUATION on another stream"));
+        }
+        if block.fragment.len() + payload.len() > MAX_HEADER_LIST_SIZE as usize {
+            return Err(protocol(side, "header block too large"));
+        }
+        block.fragment.extend_from_slice(payload);
+        block.raw.extend(raw());
+        if head.flags & END_HEADERS == 0 {
+            return Ok(None);
+        }
+        Ok(self.block.take())
+    }
+
     /// Whether the next bytes start a frame (nothing is half passed on).
     fn at_boundary(&self) -> bool {
         self.passing == 0 && self.block.is_none()
@@ -714,29 +796,20 @@ impl Relay {
         loop {
             let inb = &mut self.from_client;
             if inb.passing > 0 {
-                if inb.buf.is_empty() {
+                let Some(part) = inb.next_passing() else {
                     return Ok(());
-                }
-                let n = inb.passing.min(inb.buf.len());
-                inb.passing -= n;
-                let part = inb.buf.split_to(n).freeze();
+                };
                 self.to_upstream.push(part);
                 continue;
             }
-            if inb.buf.len() < FRAME_HEADER_LEN {
+            let Some(head) = inb.next_head(Side::Client)? else {
                 return Ok(());
-            }
-            let head = Head::parse(&inb.buf);
-            if head.len > MAX_FRAME_PAYLOAD {
-                return Err(protocol(Side::Client, "frame larger than HTTP/2 allows"));
-            }
+            };
             let ours = head.stream != 0
                 && (head.stream > self.upstream_max_id || self.diverted.contains_key(&head.stream));
             let inb = &mut self.from_client;
             if head.kind == DATA && inb.block.is_none() && !ours {
-                let n = (FRAME_HEADER_LEN + head.len).min(inb.buf.len());
-                inb.passing = FRAME_HEADER_LEN + head.len - n;
-                let part = inb.buf.split_to(n).freeze();
+                let part = inb.start_passing(head);
                 self.to_upstream.push(part);
                 continue;
             }
@@ -757,36 +830,8 @@ impl Relay {
             ));
         }
         match head.kind {
-            HEADERS => {
-                if head.stream == 0 {
-                    return Err(protocol(Side::Client, "HEADERS on stream 0"));
-                }
-                let fragment = headers_fragment(Side::Client, head.flags, &payload)?;
-                let block = Block {
-                    stream: head.stream,
-                    flags: head.flags,
-                    raw: Vec::new(),
-                    fragment: BytesMut::from(fragment),
-                };
-                if head.flags & END_HEADERS != 0 {
-                    self.client_block(block)?;
-                } else {
-                    self.from_client.block = Some(block);
-                }
-            }
-            CONTINUATION => {
-                let Some(block) = self.from_client.block.as_mut() else {
-                    return Err(protocol(Side::Client, "CONTINUATION without HEADERS"));
-                };
-                if block.stream != head.stream {
-                    return Err(protocol(Side::Client, "CONTINUATION on another stream"));
-                }
-                if block.fragment.len() + payload.len() > MAX_HEADER_LIST_SIZE as usize {
-                    return Err(protocol(Side::Client, "header block too large"));
-                }
-                block.fragment.extend_from_slice(&payload);
-                if head.flags & END_HEADERS != 0 {
-                    let block = self.from_client.block.take().expect("checked above");
+            HEADERS | CONTINUATION => {
+                if let Some(block) = self.from_client.gather(Side::Client, head, &frame, false)? {
                     self.client_block(block)?;
                 }
             }
@@ -1134,25 +1179,18 @@ impl Relay {
         loop {
             let inb = &mut self.from_upstream;
             if inb.passing > 0 {
-                if inb.buf.is_empty() {
+                let Some(part) = inb.next_passing() else {
                     return Ok(());
-                }
-                let n = inb.passing.min(inb.buf.len());
-                inb.passing -= n;
-                let part = inb.buf.split_to(n).freeze();
+                };
                 self.to_client.push(part);
                 if self.from_upstream.passing == 0 {
                     self.send_pending();
                 }
                 continue;
             }
-            if inb.buf.len() < FRAME_HEADER_LEN {
+            let Some(head) = inb.next_head(Side::Upstream)? else {
                 return Ok(());
-            }
-            let head = Head::parse(&inb.buf);
-            if head.len > MAX_FRAME_PAYLOAD {
-                return Err(protocol(Side::Upstream, "frame larger than HTTP/2 allows"));
-            }
+            };
             if head.kind == DATA && inb.block.is_none() {
                 if self.window < head.len as i64 {
                     // Diverted answers used the client's window; wait for
@@ -1161,9 +1199,7 @@ impl Relay {
                     return Ok(());
                 }
                 self.window -= head.len as i64;
-                let n = (FRAME_HEADER_LEN + head.len).min(inb.buf.len());
-                inb.passing = FRAME_HEADER_LEN + head.len - n;
-                let part = inb.buf.split_to(n).freeze();
+                let part = inb.start_passing(head);
                 self.to_client.push(part);
                 if head.flags & END_STREAM != 0 {
                     if let Some(call) = self.calls.remove(&head.stream) {
@@ -1193,31 +1229,11 @@ impl Relay {
             ));
         }
         match head.kind {
-            HEADERS => {
-                let fragment = headers_fragment(Side::Upstream, head.flags, &payload)?;
-                let block = Block {
-                    stream: head.stream,
-                    flags: head.flags,
-                    raw: vec![frame.clone()],
-                    fragment: BytesMut::from(fragment),
-                };
-                if head.flags & END_HEADERS != 0 {
-                    self.upstream_block(block)?;
-                } else {
-                    self.from_upstream.block = Some(block);
-                }
-            }
-            CONTINUATION => {
-                let Some(block) = self.from_upstream.block.as_mut() else {
-                    return Err(protocol(Side::Upstream, "CONTINUATION without HEADERS"));
-                };
-                if block.fragment.len() + payload.len() > MAX_HEADER_LIST_SIZE as usize {
-                    return Err(protocol(Side::Upstream, "header block too large"));
-                }
-                block.fragment.extend_from_slice(&payload);
-                block.raw.push(frame);
-                if head.flags & END_HEADERS != 0 {
-                    let block = self.from_upstream.block.take().expect("checked above");
+            HEADERS | CONTINUATION => {
+                if let Some(block) =
+                    self.from_upstream
+                        .gather(Side::Upstream, head, &frame, true)?
+                {
                     self.upstream_block(block)?;
                 }
             }
