@@ -81,6 +81,30 @@ fn message_with_unknown_field(method: &str) -> Bytes {
     msg.into()
 }
 
+/// An HTTP/2 upstream driven by hand on `sock`: `serve` gets each
+/// connection once its handshake is done. (A caller that connects and
+/// leaves makes the proxy open an upstream connection that closes before
+/// its handshake; those are skipped.)
+fn h2_upstream<F, Fut>(sock: &std::path::Path, serve: F)
+where
+    F: Fn(h2::server::Connection<tokio::net::UnixStream, Bytes>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::UnixListener::bind(sock).unwrap();
+    let serve = std::sync::Arc::new(serve);
+    tokio::spawn(async move {
+        loop {
+            let (io, _) = listener.accept().await.unwrap();
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                if let Ok(conn) = h2::server::handshake(io).await {
+                    serve(conn).await;
+                }
+            });
+        }
+    });
+}
+
 fn without_date(mut h: http::HeaderMap) -> http::HeaderMap {
     h.remove("date");
     h
@@ -394,21 +418,13 @@ async fn garbage_and_http1_close_only_that_connection() {
 #[tokio::test]
 async fn pull_image_over_the_limit_is_resource_exhausted_and_never_forwarded() {
     let s = setup().await;
-    let mut msg = message_with_unknown_field("PullImage").to_vec();
+    let msg = message_with_unknown_field("PullImage");
     // Pad with an unknown bytes field to just over 16 MiB.
-    let pad = 16 * 1024 * 1024 + 1 - msg.len();
-    msg.extend_from_slice(&[0xa2, 0x06]);
-    let mut len = pad as u64;
-    while len >= 0x80 {
-        msg.push((len as u8) | 0x80);
-        len >>= 7;
-    }
-    msg.push(len as u8);
-    msg.extend(std::iter::repeat_n(0u8, pad));
+    let msg = padded(&msg, 16 * 1024 * 1024 + 1 - msg.len());
     let err = raw::unary_unlimited(
         s.proxy.channel(),
         "/runtime.v1.ImageService/PullImage",
-        Request::new(msg.into()),
+        Request::new(msg),
     )
     .await
     .unwrap_err();
@@ -514,33 +530,22 @@ async fn an_upstream_stream_reset_fails_that_call_only() {
     // An HTTP/2 upstream that refuses every ImageStatus stream with
     // RST_STREAM and answers everything else with an empty OK message.
     let sock = dir.path().join("up.sock");
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (io, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                // A caller that connects and leaves gets an upstream
-                // connection that closes before its handshake.
-                let Ok(mut conn) = h2::server::handshake(io).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    if req.uri().path().ends_with("/ImageStatus") {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    let head = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .body(())
-                        .unwrap();
-                    let mut tx = respond.send_response(head, false).unwrap();
-                    tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
-                        .unwrap();
-                    let mut trailers = http::HeaderMap::new();
-                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                    tx.send_trailers(trailers).unwrap();
-                }
-            });
+    h2_upstream(&sock, |mut conn| async move {
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            if req.uri().path().ends_with("/ImageStatus") {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
+            let head = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            let mut tx = respond.send_response(head, false).unwrap();
+            tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
+                .unwrap();
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            tx.send_trailers(trailers).unwrap();
         }
     });
     let metrics = dir.path().join("m.sock");
@@ -660,19 +665,10 @@ async fn pull_answers_and_a_big_answer_share_a_small_client_window() {
 async fn upstream_closing_mid_call_is_unavailable_naming_the_socket() {
     let dir = support::short_tempdir();
     let sock = dir.path().join("up.sock");
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (io, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(io).await else {
-                    return;
-                };
-                // Take one call, then close the connection under it.
-                if let Some(Ok((_req, _respond))) = conn.accept().await {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            });
+    // Take one call, then close the connection under it.
+    h2_upstream(&sock, |mut conn| async move {
+        if let Some(Ok((_req, _respond))) = conn.accept().await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
     let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
@@ -732,14 +728,8 @@ async fn a_connection_made_while_upstream_was_down_is_asked_to_reconnect_once_it
 async fn a_connection_the_upstream_closed_answers_unavailable_and_pings() {
     let dir = support::short_tempdir();
     let sock = dir.path().join("up.sock");
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (io, _) = listener.accept().await.unwrap();
-            // Shake hands, then close.
-            tokio::spawn(async move { drop(h2::server::handshake(io).await) });
-        }
-    });
+    // Shake hands, then close.
+    h2_upstream(&sock, |conn| async move { drop(conn) });
     let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
     let io = tokio::net::UnixStream::connect(&proxy.socket)
         .await
