@@ -23,6 +23,13 @@
 //!
 //! Injected header blocks use only the static table and literals without
 //! indexing, so they never change the client's HPACK state.
+//!
+//! When the upstream closes the connection, calls in flight on it, and new
+//! calls until the upstream answers an `ImageFsInfo` again, are answered
+//! `Unavailable` naming the socket on the client's connection, which stays
+//! open; then the client is asked to reconnect with the two-step GOAWAY of
+//! RFC 9113 §6.8 (highest stream id and a PING, then the last stream seen).
+//! SIGTERM drains the same way.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice};
