@@ -424,7 +424,8 @@ impl Inbound {
         }
     }
 
-    /// The next frame's header, once all nine bytes are here.
+    /// The next frame's header, once all nine bytes are here. Inside a
+    /// header block only CONTINUATION frames may come (RFC 9113 §6.10).
     fn next_head(&self, side: Side) -> Result<Option<Head>, RelayError> {
         if self.buf.len() < FRAME_HEADER_LEN {
             return Ok(None);
@@ -432,6 +433,9 @@ impl Inbound {
         let head = Head::parse(&self.buf);
         if head.len > MAX_FRAME_PAYLOAD {
             return Err(protocol(side, "frame larger than HTTP/2 allows"));
+        }
+        if self.block.is_some() && head.kind != CONTINUATION {
+            return Err(protocol(side, "another frame inside a header block"));
         }
         Ok(Some(head))
     }
@@ -815,7 +819,7 @@ impl Relay {
             let ours = head.stream != 0
                 && (head.stream > self.upstream_max_id || self.diverted.contains_key(&head.stream));
             let inb = &mut self.from_client;
-            if head.kind == DATA && inb.block.is_none() && !ours {
+            if head.kind == DATA && !ours {
                 let part = inb.start_passing(head);
                 self.to_upstream.push(part);
                 continue;
@@ -830,12 +834,6 @@ impl Relay {
 
     fn client_frame(&mut self, head: Head, frame: Bytes) -> Result<(), RelayError> {
         let payload = frame.slice(FRAME_HEADER_LEN..);
-        if self.from_client.block.is_some() && head.kind != CONTINUATION {
-            return Err(protocol(
-                Side::Client,
-                "another frame inside a header block",
-            ));
-        }
         match head.kind {
             HEADERS | CONTINUATION => {
                 if let Some(block) = self.from_client.gather(Side::Client, head, &frame, false)? {
@@ -1198,7 +1196,7 @@ impl Relay {
             let Some(head) = inb.next_head(Side::Upstream)? else {
                 return Ok(());
             };
-            if head.kind == DATA && inb.block.is_none() {
+            if head.kind == DATA {
                 if self.window < head.len as i64 {
                     // Diverted answers used the client's window; wait for
                     // its WINDOW_UPDATE.
@@ -1229,12 +1227,6 @@ impl Relay {
 
     fn upstream_frame(&mut self, head: Head, frame: Bytes) -> Result<(), RelayError> {
         let payload = frame.slice(FRAME_HEADER_LEN..);
-        if self.from_upstream.block.is_some() && head.kind != CONTINUATION {
-            return Err(protocol(
-                Side::Upstream,
-                "another frame inside a header block",
-            ));
-        }
         match head.kind {
             HEADERS | CONTINUATION => {
                 if let Some(block) =
