@@ -48,7 +48,9 @@ use tokio::time::Instant;
 
 use crate::hpack::Decoder;
 use crate::metrics::Metrics;
-use crate::proxy::{BoxError, Proxy, ProxyBody, MAX_HEADER_LIST_SIZE, PULL_IMAGE_PATH};
+use crate::proxy::{
+    status_for, BoxError, Proxy, ProxyBody, ProxyError, MAX_HEADER_LIST_SIZE, PULL_IMAGE_PATH,
+};
 
 /// The client connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -95,8 +97,6 @@ const DRAIN_PING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 const MAX_STREAM_ID: u32 = 0x7fff_ffff;
 const REFUSED_STREAM: u32 = 0x7;
 const CANCEL: u32 = 0x8;
-/// gRPC `Unavailable`.
-const GRPC_UNAVAILABLE: &str = "14";
 
 /// Which end of the relay did something.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -603,11 +603,10 @@ pub async fn relay(
         last_stream: 0,
         draining: false,
         announced: None,
-        gone_message: None,
+        gone: None,
         recheck_at: None,
         probe: None,
         last_probe: None,
-        upstream_gone: false,
         settled: tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::CurrentThread,
         events_tx,
@@ -664,14 +663,13 @@ struct Relay {
     /// one follows the PING's ACK, or this deadline.
     announced: Option<Instant>,
     /// Once the upstream is gone: what calls on this connection are told.
-    gone_message: Option<String>,
+    gone: Option<tonic::Status>,
     /// When to check next whether the upstream answers again.
     recheck_at: Option<Instant>,
     /// That check, running.
     probe: Option<JoinHandle<bool>>,
     /// When the last check started.
     last_probe: Option<Instant>,
-    upstream_gone: bool,
     /// Reads may clear readiness themselves (see [`Inbound::read`]).
     settled: bool,
     events_tx: mpsc::UnboundedSender<Event>,
@@ -689,7 +687,7 @@ impl Relay {
             self.start_drain();
         }
         loop {
-            if self.upstream_gone {
+            if self.gone.is_some() {
                 self.to_upstream = Outbound::default();
             } else if let Err(e) = self.to_upstream.flush(&self.upstream) {
                 self.on_upstream_gone(Some(e));
@@ -707,9 +705,9 @@ impl Relay {
             }
             let read_client = self.to_upstream.queued < HIGH_WATER;
             let read_upstream =
-                !self.upstream_gone && !self.held && self.to_client.queued < HIGH_WATER;
+                self.gone.is_none() && !self.held && self.to_client.queued < HIGH_WATER;
             let write_client = !self.to_client.is_empty();
-            let write_upstream = !self.upstream_gone && !self.to_upstream.is_empty();
+            let write_upstream = self.gone.is_none() && !self.to_upstream.is_empty();
             tokio::select! {
                 r = self.client.readable(), if read_client => {
                     r?;
@@ -925,7 +923,7 @@ impl Relay {
             PING if head.flags & ACK != 0 && payload[..] == DRAIN_PING[..] => {
                 self.final_goaway();
             }
-            PING if head.flags & ACK == 0 && self.upstream_gone && payload.len() == 8 => {
+            PING if head.flags & ACK == 0 && self.gone.is_some() && payload.len() == 8 => {
                 // Nobody else is there to answer it.
                 let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + 8);
                 put_head(&mut out, 8, PING, ACK, 0);
@@ -993,13 +991,14 @@ impl Relay {
                 self.divert(stream, fields, end_stream);
                 return Ok(());
             }
-            if let Some(message) = &self.gone_message {
+            if let Some(status) = &self.gone {
                 let mut out = BytesMut::new();
-                header_frames(&mut out, stream, true, &unavailable_block(message, false));
+                header_frames(&mut out, stream, true, &status_block(status, false));
+                let code = (status.code() as i32).to_string();
                 self.inject_control(out.freeze());
                 self.metrics.observe_call(
                     &String::from_utf8_lossy(path),
-                    Some(GRPC_UNAVAILABLE),
+                    Some(&code),
                     false,
                     std::time::Duration::ZERO,
                 );
@@ -1115,16 +1114,7 @@ impl Relay {
                 let mut buf = BytesMut::new();
                 match out {
                     Out::Head(parts, end) => {
-                        let mut block = BytesMut::new();
-                        let status = parts.status.as_u16();
-                        if status == 200 {
-                            block.put_u8(0x88);
-                        } else {
-                            put_literal(&mut block, b":status", status.to_string().as_bytes());
-                        }
-                        for (name, value) in &parts.headers {
-                            put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
-                        }
+                        let block = header_block(Some(parts.status), &parts.headers);
                         header_frames(&mut buf, stream, end, &block);
                         if end {
                             finished.push(stream);
@@ -1148,11 +1138,7 @@ impl Relay {
                         }
                     }
                     Out::Trailers(trailers) => {
-                        let mut block = BytesMut::new();
-                        for (name, value) in &trailers {
-                            put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
-                        }
-                        header_frames(&mut buf, stream, true, &block);
+                        header_frames(&mut buf, stream, true, &header_block(None, &trailers));
                         finished.push(stream);
                     }
                     Out::End => {
@@ -1288,25 +1274,32 @@ impl Relay {
     /// made on this connection until the upstream is back, fail with
     /// `Unavailable` naming the upstream.
     fn on_upstream_gone(&mut self, error: Option<io::Error>) {
-        self.upstream_gone = true;
-        let path = self.proxy.upstream().path().display().to_string();
-        let reason = match &error {
-            Some(e) => crate::error_chain(e),
-            None => "connection closed".to_owned(),
+        let upstream = self.proxy.upstream();
+        let source: BoxError = match error {
+            Some(e) => e.into(),
+            None => "connection closed".into(),
         };
-        self.proxy.upstream().mark_down();
+        let reason = crate::error_chain(&*source);
+        let status = status_for(&ProxyError::Upstream {
+            path: upstream.path().to_owned(),
+            source,
+        });
+        upstream.mark_down();
+        let path = upstream.path().display();
         if !self.calls.is_empty() {
             tracing::warn!(upstream = %path, error = %reason, in_flight = self.calls.len(), "upstream connection lost");
         } else {
             tracing::info!(upstream = %path, error = %reason, "upstream closed an idle connection; calls on it answer Unavailable until it is back");
         }
-        if !self.can_inject() {
+        let can_inject = self.can_inject();
+        let status = self.gone.insert(status).clone();
+        if !can_inject {
             // Half a frame went out: nothing more can be said on this
             // connection.
             self.from_client.eof = true;
             return;
         }
-        let message = format!("ecr-pull-proxy: upstream {path} unavailable: {reason}");
+        let code = (status.code() as i32).to_string();
         let calls: Vec<(u32, Call)> = self.calls.drain().collect();
         for (stream, mut call) in calls {
             let mut out = BytesMut::new();
@@ -1314,13 +1307,12 @@ impl Relay {
                 &mut out,
                 stream,
                 true,
-                &unavailable_block(&message, call.answered),
+                &status_block(&status, call.answered),
             );
             self.to_client.push(out.freeze());
-            call.status = Some(GRPC_UNAVAILABLE.to_owned());
+            call.status = Some(code.clone());
             self.finish(call, "upstream-error");
         }
-        self.gone_message = Some(message);
         // The client keeps this connection, and its calls get a clear answer
         // until the upstream is back; then it is asked to reconnect. (A
         // GOAWAY now would fail the calls racing it in some clients.)
@@ -1345,34 +1337,31 @@ impl Relay {
     }
 }
 
-/// The header block that ends a call with `Unavailable` and `message`: a
-/// trailers-only answer, or trailers when the answer's headers went out.
-fn unavailable_block(message: &str, answered: bool) -> BytesMut {
+/// A header block of literals: `:status` first when given (an answer's
+/// head), then `headers`.
+fn header_block(status: Option<http::StatusCode>, headers: &HeaderMap) -> BytesMut {
     let mut block = BytesMut::new();
-    if !answered {
-        block.put_u8(0x88);
-        put_literal(&mut block, b"content-type", b"application/grpc");
+    match status {
+        Some(http::StatusCode::OK) => block.put_u8(0x88),
+        Some(s) => put_literal(&mut block, b":status", s.as_str().as_bytes()),
+        None => {}
     }
-    put_literal(&mut block, b"grpc-status", GRPC_UNAVAILABLE.as_bytes());
-    put_literal(
-        &mut block,
-        b"grpc-message",
-        percent_encode(message).as_bytes(),
-    );
+    for (name, value) in headers {
+        put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
+    }
     block
 }
 
-/// `grpc-message` is percent-encoded (gRPC over HTTP/2).
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
+/// The header block that ends a call with `status`: a trailers-only answer,
+/// or trailers when the answer's headers already went out.
+fn status_block(status: &tonic::Status, answered: bool) -> BytesMut {
+    let answer = status.clone().into_http::<()>();
+    if !answered {
+        return header_block(Some(answer.status()), answer.headers());
     }
-    out
+    let mut trailers = answer.headers().clone();
+    trailers.remove(http::header::CONTENT_TYPE);
+    header_block(None, &trailers)
 }
 
 /// An `http::Request` from a decoded request header block.
@@ -1422,6 +1411,39 @@ mod tests {
         assert_eq!(fields[0].0.as_ref(), b":status");
         assert_eq!(fields[0].1.as_ref(), b"200");
         assert_eq!(fields[1].1.len(), 300);
+    }
+
+    #[test]
+    fn a_status_ends_a_call_as_trailers_only_or_as_trailers() {
+        let status =
+            tonic::Status::unavailable("ecr-pull-proxy: upstream /run/c.sock unavailable: 100%");
+        let names = |answered| -> Vec<(String, String)> {
+            let block = status_block(&status, answered);
+            decode(&mut Decoder::new(), Side::Upstream, &block)
+                .unwrap()
+                .into_iter()
+                .map(|(n, v)| {
+                    (
+                        String::from_utf8(n.to_vec()).unwrap(),
+                        String::from_utf8(v.to_vec()).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let only = names(false);
+        assert_eq!(only[0], (":status".into(), "200".into()));
+        assert!(only.contains(&("content-type".into(), "application/grpc".into())));
+        assert!(only.contains(&("grpc-status".into(), "14".into())));
+        // grpc-message is percent-encoded.
+        assert!(only
+            .iter()
+            .any(|(n, v)| n == "grpc-message" && v.ends_with("100%25")));
+        let trailers = names(true);
+        assert!(
+            trailers.iter().all(|(n, _)| n.starts_with("grpc-")),
+            "{trailers:?}"
+        );
+        assert!(trailers.contains(&("grpc-status".into(), "14".into())));
     }
 
     #[test]
