@@ -72,16 +72,27 @@ async fn interleaved(
     out
 }
 
-/// CPU time a process has used so far, all threads (from schedstat, in ns).
-fn cpu_ns(pid: i32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                .sum()
-        })
-        .unwrap_or(0)
+/// CPU time a process has used so far (ns) and how many times it was put
+/// on a CPU, all threads (from schedstat).
+fn sched(pid: i32) -> (u64, u64) {
+    let mut total = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+    {
+        let Some(stat) = task
+            .ok()
+            .and_then(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        else {
+            continue;
+        };
+        let mut fields = stat
+            .split_whitespace()
+            .map(|f| f.parse::<u64>().unwrap_or(0));
+        total.0 += fields.next().unwrap_or(0);
+        total.1 += fields.nth(1).unwrap_or(0);
+    }
+    total
 }
 
 /// The processes socat forked for connections (one per connection).
@@ -142,7 +153,10 @@ fn socat(dir: &Path, target: &Path) -> (std::process::Child, std::path::PathBuf)
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // `cargo bench` passes --bench; nothing else is expected.
+    // `cargo bench` passes --bench; nothing else is expected. BENCH_ONLY
+    // (`containerd` or `scripted`) runs one part, for quick before/after runs.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
     let dir = support::short_tempdir();
     println!(
         "# ecr-pull-proxy benchmark\n\nmachine: {}; proxy: {}\n",
@@ -154,11 +168,20 @@ async fn main() {
         }
     );
 
-    // === real containerd ===
     let moto = Moto::start(dir.path());
-    let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
-    let containerd = Containerd::start(dir.path(), &[(ECR_HOST, registry.addr.as_str())]);
-    let proxy = bench_proxy(dir.path(), &containerd.socket, &moto);
+    if wants("containerd") {
+        real_containerd(dir.path(), &moto).await;
+    }
+    if wants("scripted") {
+        scripted(dir.path(), &moto).await;
+    }
+}
+
+/// Real containerd called direct, through socat and through the proxy.
+async fn real_containerd(dir: &Path, moto: &Moto) {
+    let registry = Registry::start(dir, "AWS", MOTO_PASSWORD);
+    let containerd = Containerd::start(dir, &[(ECR_HOST, registry.addr.as_str())]);
+    let proxy = bench_proxy(dir, &containerd.socket, moto);
     for i in 0..20 {
         registry.push_image(&format!("bench{i}"), &["v1"]);
         let req = cri::PullImageRequest {
@@ -173,7 +196,7 @@ async fn main() {
             .await
             .unwrap();
     }
-    let (mut socat_child, socat_sock) = socat(dir.path(), &containerd.socket);
+    let (mut socat_child, socat_sock) = socat(dir, &containerd.socket);
     let targets = [
         ("direct", support::channel(&containerd.socket)),
         ("socat", support::channel(&socat_sock)),
@@ -198,10 +221,11 @@ async fn main() {
     .await
     .unwrap();
     let socat_children = children(socat_child.id());
-    let relay_cpu = || {
+    let relay_sched = || {
+        let socat = socat_children.iter().map(|p| sched(*p));
         (
-            socat_children.iter().map(|p| cpu_ns(*p)).sum::<u64>(),
-            cpu_ns(proxy.pid()),
+            socat.fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+            sched(proxy.pid()),
         )
     };
     let mut cpu_rows = Vec::new();
@@ -225,15 +249,18 @@ async fn main() {
             Bytes::new(),
         ),
     ] {
-        let before = relay_cpu();
+        let before = relay_sched();
         let mut r = interleaved(&targets, path, &msg, None, ROUNDS, PER_ROUND).await;
-        let after = relay_cpu();
+        let after = relay_sched();
         // Each path made 20 warm-up calls and ROUNDS * PER_ROUND measured ones.
         let calls = (20 + ROUNDS * PER_ROUND) as f64;
+        let per_call = |a: u64, b: u64| (a - b) as f64 / calls;
         cpu_rows.push((
             name,
-            (after.0 - before.0) as f64 / calls / 1e3,
-            (after.1 - before.1) as f64 / calls / 1e3,
+            per_call(after.0 .0, before.0 .0) / 1e3,
+            per_call(after.1 .0, before.1 .0) / 1e3,
+            per_call(after.0 .1, before.0 .1),
+            per_call(after.1 .1, before.1 .1),
         ));
         let p50: Vec<Duration> = r.iter_mut().map(|v| pct(v, 0.5)).collect();
         let p99: Vec<Duration> = r.iter_mut().map(|v| pct(v, 0.99)).collect();
@@ -250,20 +277,23 @@ async fn main() {
             added(2) / added(1).max(1e-9),
         );
     }
-    println!("\nCPU time per call of the relay itself (all its threads; same runs):\n");
-    println!("| call | socat | proxy | proxy ÷ socat |\n| --- | --- | --- | --- |");
-    for (name, socat, proxy) in cpu_rows {
+    println!("\nCPU time and wake-ups (times put on a CPU) per call of the relay itself (all its threads; same runs):\n");
+    println!("| call | socat CPU | proxy CPU | proxy ÷ socat | socat wake-ups | proxy wake-ups |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (name, socat, proxy, socat_wakes, proxy_wakes) in cpu_rows {
         println!(
-            "| {name} | {socat:.1} µs | {proxy:.1} µs | {:.2} |",
+            "| {name} | {socat:.1} µs | {proxy:.1} µs | {:.2} | {socat_wakes:.2} | {proxy_wakes:.2} |",
             proxy / socat.max(1e-9)
         );
     }
     let _ = socat_child.kill();
+}
 
-    // === scripted upstream ===
-    let upstream = ScriptedUpstream::start(&dir.path().join("up.sock")).await;
-    let pdir = dir.path().join("p2");
-    let proxy2 = bench_proxy(&pdir, &upstream.socket, &moto);
+/// A fast scripted upstream; then memory and start-up.
+async fn scripted(dir: &Path, moto: &Moto) {
+    let upstream = ScriptedUpstream::start(&dir.join("up.sock")).await;
+    let pdir = dir.join("p2");
+    let proxy2 = bench_proxy(&pdir, &upstream.socket, moto);
     let fast = [
         ("direct", support::channel(&upstream.socket)),
         ("proxy", proxy2.channel()),
@@ -411,7 +441,7 @@ async fn main() {
     );
 
     // Cold cache: a fresh proxy's first pull fetches a token from moto.
-    let cold = bench_proxy(&dir.path().join("p3"), &upstream.socket, &moto);
+    let cold = bench_proxy(&dir.join("p3"), &upstream.socket, moto);
     let first = call(
         cold.channel(),
         "/runtime.v1.ImageService/PullImage",
@@ -436,7 +466,7 @@ async fn main() {
     let idle = proxy2.rss_kib().0;
     let mut starts = Vec::new();
     for i in 0..10 {
-        let sdir = dir.path().join(format!("s{i}"));
+        let sdir = dir.join(format!("s{i}"));
         std::fs::create_dir_all(&sdir).unwrap();
         let sock = sdir.join("p.sock");
         let started = Instant::now();
@@ -463,11 +493,11 @@ async fn main() {
     }
     let start_p50 = pct(&mut starts, 0.5);
     let fresh = ProxyProcess::start(
-        &dir.path().join("s0"),
+        &dir.join("s0"),
         &upstream.socket,
         ProxyOptions {
             args: vec!["--log-level", "warn"],
-            listen: Some(dir.path().join("s0/f.sock")),
+            listen: Some(dir.join("s0/f.sock")),
             ..Default::default()
         },
     );
@@ -490,5 +520,4 @@ async fn main() {
         "| start to socket accepting, p50 of 10 | {:.1} ms |",
         start_p50.as_secs_f64() * 1e3
     );
-    drop(containerd);
 }
