@@ -41,6 +41,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, Request};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
+use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -314,6 +318,69 @@ fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a [u8]> {
 
 // === the relay ===
 
+/// One side's socket, watched by epoll for reading only.
+///
+/// tokio's `UnixStream` asks epoll about both directions, and a Unix socket
+/// reports itself writable each time its peer reads what was written to
+/// it: one wake-up of the relay for nothing after every request and every
+/// answer it passes on (`socat`, with `select`, asks about writing only
+/// while it has bytes waiting). Here the socket is registered for reading
+/// only; while bytes wait for room, a duplicate of it is registered for
+/// writing, and dropped again once they are out.
+struct Socket {
+    io: AsyncFd<StdUnixStream>,
+    write_wait: Option<AsyncFd<StdUnixStream>>,
+}
+
+impl Socket {
+    fn new(stream: UnixStream) -> io::Result<Socket> {
+        let stream = stream.into_std()?;
+        Ok(Socket {
+            io: register(stream, Interest::READABLE)?,
+            write_wait: None,
+        })
+    }
+
+    async fn readable(&self) -> io::Result<AsyncFdReadyGuard<'_, StdUnixStream>> {
+        self.io.readable().await
+    }
+
+    fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.io.get_ref().write_vectored(bufs)
+    }
+
+    /// Watches for room to write while `waiting`; stops watching otherwise.
+    fn watch_writes(&mut self, waiting: bool) -> io::Result<()> {
+        if !waiting {
+            self.write_wait = None;
+        } else if self.write_wait.is_none() {
+            let dup = self.io.get_ref().try_clone()?;
+            self.write_wait = Some(register(dup, Interest::WRITABLE)?);
+        }
+        Ok(())
+    }
+
+    /// Room to write, once [`Socket::watch_writes`] asked for it.
+    async fn writable(&self) -> io::Result<()> {
+        let Some(wait) = &self.write_wait else {
+            return std::future::pending().await;
+        };
+        // Cleared before the write it allows: room made after this wakes
+        // the relay again, so a write that finds none is not stuck.
+        wait.writable().await?.clear_ready();
+        Ok(())
+    }
+}
+
+/// Registers `stream` with tokio's epoll for `interest` only (tokio's own
+/// socket types always register for both).
+#[allow(unsafe_code)]
+fn register(stream: StdUnixStream, interest: Interest) -> io::Result<AsyncFd<StdUnixStream>> {
+    // SAFETY: the AsyncFd takes the stream, which owns its descriptor: it
+    // stays open and the same until the AsyncFd is dropped.
+    unsafe { AsyncFd::register_with_interest(stream, interest) }.map_err(io::Error::from)
+}
+
 /// Bytes waiting to be written to one side.
 #[derive(Default)]
 struct Outbound {
@@ -334,7 +401,7 @@ impl Outbound {
     }
 
     /// Writes what the socket takes now.
-    fn flush(&mut self, io: &UnixStream) -> io::Result<()> {
+    fn flush(&mut self, io: &Socket) -> io::Result<()> {
         while !self.queue.is_empty() {
             let slices: Vec<IoSlice<'_>> = self
                 .queue
@@ -342,7 +409,7 @@ impl Outbound {
                 .take(64)
                 .map(|b| IoSlice::new(b))
                 .collect();
-            match io.try_write_vectored(&slices) {
+            match io.write_vectored(&slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut n) => {
                     self.queued -= n;
@@ -367,7 +434,11 @@ impl Outbound {
 
 /// Bytes read from one side, parsed frame by frame.
 struct Inbound {
+    /// Bytes read and not yet taken.
     buf: BytesMut,
+    /// Zeroed room for the next reads, in the same allocation right after
+    /// `buf` so that what is read joins it without a copy.
+    room: BytesMut,
     /// Payload bytes of a frame being passed through that are still to come.
     passing: usize,
     /// A header block waiting for its CONTINUATION frames: the stream, the
@@ -386,7 +457,8 @@ struct Block {
 impl Inbound {
     fn new() -> Self {
         Inbound {
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
+            room: BytesMut::new(),
             passing: 0,
             block: None,
             eof: false,
@@ -395,31 +467,38 @@ impl Inbound {
 
     /// Reads what the socket has; false when it had nothing after all.
     ///
-    /// A read shorter than the room given took everything the socket had.
-    /// With `settled`, the socket's readiness is then cleared at once, which
-    /// saves the read that would only return EAGAIN (one system call per
-    /// wake-up, two per call). That is sound only where tokio's I/O driver
-    /// cannot run between the read and the clearing: on a current-thread
-    /// runtime, where it runs only between task polls.
-    fn read(&mut self, io: &UnixStream, settled: bool) -> io::Result<bool> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
+    /// A read shorter than the room given took everything the socket had,
+    /// so the socket's readiness is cleared at once: that saves the read
+    /// that would only return EAGAIN (one system call per wake-up). The
+    /// guard carries the tick of the readiness it was taken at, so readiness
+    /// set again since is not lost.
+    fn read(&mut self, guard: &mut AsyncFdReadyGuard<'_, StdUnixStream>) -> io::Result<bool> {
+        if self.room.len() < READ_CHUNK / 4 {
+            // The room is zeroed once here: reading needs initialized
+            // memory, and the crate has no unsafe code to skip that.
+            let mut fresh = BytesMut::with_capacity(self.buf.len() + READ_CHUNK);
+            fresh.extend_from_slice(&self.buf);
+            fresh.resize(self.buf.len() + READ_CHUNK, 0);
+            self.room = fresh.split_off(self.buf.len());
+            self.buf = fresh;
         }
-        let room = self.buf.capacity() - self.buf.len();
-        match io.try_read_buf(&mut self.buf) {
+        let room = self.room.len();
+        match guard.get_inner().read(&mut self.room) {
             Ok(0) => {
                 self.eof = true;
                 Ok(true)
             }
             Ok(n) => {
-                if settled && n < room {
-                    let _ = io.try_io(tokio::io::Interest::READABLE, || {
-                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                    });
+                self.buf.unsplit(self.room.split_to(n));
+                if n < room {
+                    guard.clear_ready();
                 }
                 Ok(true)
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                guard.clear_ready();
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
@@ -582,8 +661,8 @@ pub async fn relay(
     let mut relay = Relay {
         metrics: proxy.metrics().clone(),
         proxy,
-        client,
-        upstream,
+        client: Socket::new(client)?,
+        upstream: Socket::new(upstream)?,
         from_client: Inbound::new(),
         from_upstream: Inbound::new(),
         to_client: Outbound::default(),
@@ -607,8 +686,6 @@ pub async fn relay(
         recheck_at: None,
         probe: None,
         last_probe: None,
-        settled: tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::CurrentThread,
         events_tx,
     };
     let result = relay.run(events, drain).await;
@@ -626,8 +703,8 @@ pub async fn relay(
 struct Relay {
     proxy: Proxy,
     metrics: Arc<Metrics>,
-    client: UnixStream,
-    upstream: UnixStream,
+    client: Socket,
+    upstream: Socket,
     from_client: Inbound,
     from_upstream: Inbound,
     to_client: Outbound,
@@ -670,8 +747,6 @@ struct Relay {
     probe: Option<JoinHandle<bool>>,
     /// When the last check started.
     last_probe: Option<Instant>,
-    /// Reads may clear readiness themselves (see [`Inbound::read`]).
-    settled: bool,
     events_tx: mpsc::UnboundedSender<Event>,
 }
 
@@ -689,10 +764,15 @@ impl Relay {
         loop {
             if self.gone.is_some() {
                 self.to_upstream = Outbound::default();
-            } else if let Err(e) = self.to_upstream.flush(&self.upstream) {
+            } else if let Err(e) = self
+                .to_upstream
+                .flush(&self.upstream)
+                .and_then(|()| self.upstream.watch_writes(!self.to_upstream.is_empty()))
+            {
                 self.on_upstream_gone(Some(e));
             }
             self.to_client.flush(&self.client)?;
+            self.client.watch_writes(!self.to_client.is_empty())?;
             if self.from_client.eof {
                 return Ok(());
             }
@@ -710,8 +790,7 @@ impl Relay {
             let write_upstream = self.gone.is_none() && !self.to_upstream.is_empty();
             tokio::select! {
                 r = self.client.readable(), if read_client => {
-                    r?;
-                    if self.from_client.read(&self.client, self.settled)? {
+                    if self.from_client.read(&mut r?)? {
                         let held = self.held;
                         self.on_client_bytes()?;
                         if held && !self.held {
@@ -720,16 +799,23 @@ impl Relay {
                     }
                 }
                 r = self.upstream.readable(), if read_upstream => {
-                    r?;
-                    match self.from_upstream.read(&self.upstream, self.settled) {
+                    let read = match r {
+                        Ok(mut guard) => self.from_upstream.read(&mut guard),
+                        Err(e) => Err(e),
+                    };
+                    match read {
                         Ok(true) if self.from_upstream.eof => self.on_upstream_gone(None),
                         Ok(true) => self.on_upstream_bytes()?,
                         Ok(false) => {}
                         Err(e) => self.on_upstream_gone(Some(e)),
                     }
                 }
-                r = self.client.writable(), if write_client => { r?; }
-                r = self.upstream.writable(), if write_upstream => { r?; }
+                r = self.client.writable(), if write_client => r?,
+                r = self.upstream.writable(), if write_upstream => {
+                    if let Err(e) = r {
+                        self.on_upstream_gone(Some(e));
+                    }
+                }
                 Some(event) = events.recv() => self.on_event(event),
                 r = drain.changed(), if !drain_seen => {
                     drain_seen = true;

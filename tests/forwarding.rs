@@ -659,6 +659,100 @@ async fn pull_answers_and_a_big_answer_share_a_small_client_window() {
     assert!(!s.proxy.logs().contains("closed a client connection"));
 }
 
+/// A socket whose reads wait until `until`: a caller that stops reading.
+struct SlowReader {
+    inner: tokio::net::UnixStream,
+    until: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl tokio::io::AsyncRead for SlowReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(std::future::Future::poll(self.until.as_mut(), cx));
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowReader {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// CPU time the process has used so far, all threads.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap();
+    Duration::from_nanos(stat.split_whitespace().next().unwrap().parse().unwrap())
+}
+
+/// The relay watches a socket for room to write only while bytes wait for
+/// it. A caller that stops reading fills its socket; the relay then waits
+/// (it does not spin on the full socket) and passes the rest on once the
+/// caller reads again, nothing lost.
+#[tokio::test]
+async fn a_caller_that_stops_reading_gets_the_whole_answer_when_it_reads_again() {
+    let s = setup().await;
+    let socket = s.proxy.socket.clone();
+    let pause = Duration::from_secs(1);
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .initial_connection_window_size(64 * 1024 * 1024)
+        .initial_stream_window_size(64 * 1024 * 1024)
+        .connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(SlowReader {
+                    inner: tokio::net::UnixStream::connect(socket).await?,
+                    until: Box::pin(tokio::time::sleep(pause)),
+                }))
+            }
+        }));
+    let n = 12 * 1024 * 1024;
+    let call = tokio::spawn(raw::unary(
+        channel,
+        "/runtime.v1.ImageService/ListImages",
+        with_script(Bytes::new(), &format!("big:{n}")),
+    ));
+    // While the caller does not read, the answer fills its socket.
+    tokio::time::sleep(pause / 4).await;
+    let cpu_before = cpu_time(s.proxy.pid());
+    tokio::time::sleep(pause / 2).await;
+    let waiting = cpu_time(s.proxy.pid()) - cpu_before;
+    assert!(
+        waiting < pause / 10,
+        "the relay used {waiting:?} of CPU in {:?} waiting for a full socket",
+        pause / 2
+    );
+    let resp = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the answer arrives once the caller reads")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.get_ref().len(), n);
+    assert!(resp.get_ref().iter().all(|b| *b == b'x'));
+    assert!(!s.proxy.logs().contains("closed a client connection"));
+}
+
 /// containerd going away with a call in flight: the caller gets
 /// `Unavailable` naming the socket, not a bare connection reset.
 #[tokio::test(flavor = "multi_thread")]
