@@ -277,6 +277,20 @@ impl Metrics {
         }
     }
 
+    /// The counter and latency histogram of calls to `method` (a
+    /// [`method_label`]) that ended with `code` (a [`code_label`] or
+    /// `cancelled`), to keep: a kept handle counts without a lookup.
+    pub fn call_handles(&self, method: &'static str, code: &'static str) -> (Counter, Histogram) {
+        (
+            self.calls
+                .get_or_create(&CallLabels { method, code })
+                .clone(),
+            self.call_duration
+                .get_or_create(&MethodLabels { method })
+                .clone(),
+        )
+    }
+
     /// Records one finished call.
     pub fn observe_call(
         &self,

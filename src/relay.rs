@@ -31,7 +31,8 @@
 //! RFC 9113 §6.8 (highest stream id and a PING, then the last stream seen).
 //! SIGTERM drains the same way.
 
-use std::collections::{HashMap, VecDeque};
+use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -51,10 +52,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::hpack::Decoder;
-use crate::metrics::Metrics;
+use crate::metrics::{code_label, method_label, Metrics};
 use crate::proxy::{
     status_for, BoxError, Proxy, ProxyBody, ProxyError, MAX_HEADER_LIST_SIZE, PULL_IMAGE_PATH,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// The client connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -67,6 +70,10 @@ const SEND_FRAME_SIZE: usize = 16_384;
 const DEFAULT_WINDOW: i64 = 65_535;
 /// Bytes read from a socket at once.
 const READ_CHUNK: usize = 256 * 1024;
+/// Room for header frames allocated at once (see [`Relay::client_block`]).
+const FRAMES_CHUNK: usize = 16 * 1024;
+/// Method names a connection keeps for its calls to share.
+const METHODS_KEPT: usize = 32;
 /// Bytes queued for one side before the relay stops reading from the other.
 const HIGH_WATER: usize = 1024 * 1024;
 
@@ -309,13 +316,6 @@ fn decode(decoder: &mut Decoder, side: Side, block: &[u8]) -> Result<Fields, Rel
     Ok(fields)
 }
 
-fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a [u8]> {
-    fields
-        .iter()
-        .find(|(n, _)| n.as_ref() == name.as_bytes())
-        .map(|(_, v)| v.as_ref())
-}
-
 // === the relay ===
 
 /// One side's socket, watched by epoll for reading only.
@@ -372,6 +372,39 @@ impl Socket {
     }
 }
 
+/// Sleeps until `at`; never ends without one. Nothing is done before the
+/// first poll, so a disabled `select!` branch costs nothing (building a
+/// `Sleep` looks up the runtime and the clock).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Per-stream state. Stream ids are small numbers chosen by the client, so
+/// a fast hash serves (std's SipHash was 6 % of the relay's instructions).
+type StreamMap<V> = foldhash::HashMap<u32, V>;
+
+/// The metric handles of one method and code.
+struct CallMetrics {
+    method: &'static str,
+    code: &'static str,
+    calls: Counter,
+    duration: Histogram,
+}
+
+/// A `grpc-status` value; the usual ones without an allocation.
+fn grpc_status(value: &[u8]) -> Cow<'static, str> {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    match CODES.iter().find(|c| c.as_bytes() == value) {
+        Some(c) => Cow::Borrowed(c),
+        None => Cow::Owned(String::from_utf8_lossy(value).into_owned()),
+    }
+}
+
 /// Registers `stream` with tokio's epoll for `interest` only (tokio's own
 /// socket types always register for both).
 #[allow(unsafe_code)]
@@ -403,13 +436,13 @@ impl Outbound {
     /// Writes what the socket takes now.
     fn flush(&mut self, io: &Socket) -> io::Result<()> {
         while !self.queue.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .queue
-                .iter()
-                .take(64)
-                .map(|b| IoSlice::new(b))
-                .collect();
-            match io.write_vectored(&slices) {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let mut n = 0;
+            for (slice, b) in slices.iter_mut().zip(&self.queue) {
+                *slice = IoSlice::new(b);
+                n += 1;
+            }
+            match io.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut n) => {
                     self.queued -= n;
@@ -598,8 +631,10 @@ impl Inbound {
 /// A call forwarded to the upstream on this connection.
 struct Call {
     method: Arc<str>,
+    /// The method as the metrics name it.
+    label: &'static str,
     started: Instant,
-    status: Option<String>,
+    status: Option<Cow<'static, str>>,
     /// The upstream has sent the answer's headers.
     answered: bool,
 }
@@ -667,12 +702,17 @@ pub async fn relay(
         from_upstream: Inbound::new(),
         to_client: Outbound::default(),
         to_upstream: Outbound::default(),
+        literal: BytesMut::new(),
+        path: Vec::new(),
+        frames: BytesMut::new(),
+        methods: Vec::new(),
+        call_metrics: Vec::new(),
         client_blocks: Decoder::new(),
         upstream_blocks: Decoder::new(),
         preface_seen: false,
         first_block: true,
-        calls: HashMap::new(),
-        diverted: HashMap::new(),
+        calls: StreamMap::default(),
+        diverted: StreamMap::default(),
         window: DEFAULT_WINDOW,
         debt: 0,
         client_initial_window: DEFAULT_WINDOW,
@@ -692,10 +732,9 @@ pub async fn relay(
     for d in relay.diverted.values() {
         d.task.abort();
     }
-    for (_, call) in relay.calls.drain() {
-        relay
-            .metrics
-            .observe_call(&call.method, None, true, call.started.elapsed());
+    let cut: Vec<Call> = relay.calls.drain().map(|(_, call)| call).collect();
+    for call in cut {
+        relay.observe(call.label, "cancelled", call.started.elapsed());
     }
     result
 }
@@ -709,6 +748,17 @@ struct Relay {
     from_upstream: Inbound,
     to_client: Outbound,
     to_upstream: Outbound,
+    /// The last client block re-encoded (kept for its capacity).
+    literal: BytesMut,
+    /// The last `:path` seen (kept for its capacity).
+    path: Vec<u8>,
+    /// Header frames on their way upstream, split off as they are sent.
+    frames: BytesMut,
+    /// Method names seen on this connection (see [`Relay::method`]).
+    methods: Vec<(Box<[u8]>, Arc<str>)>,
+    /// Metric handles by method and code, so that a call's metrics cost no
+    /// lookup in the shared families.
+    call_metrics: Vec<CallMetrics>,
     /// Mirrors the upstream's decoder of the client's blocks.
     client_blocks: Decoder,
     /// Mirrors the client's decoder of the upstream's blocks.
@@ -716,8 +766,8 @@ struct Relay {
     preface_seen: bool,
     /// No header block has been sent upstream yet.
     first_block: bool,
-    calls: HashMap<u32, Call>,
-    diverted: HashMap<u32, Diverted>,
+    calls: StreamMap<Call>,
+    diverted: StreamMap<Diverted>,
     /// The client's connection window: what may still be sent to it.
     window: i64,
     /// Bytes of diverted answers not yet taken out of the client's
@@ -761,6 +811,18 @@ impl Relay {
             drain_seen = true;
             self.start_drain();
         }
+        // Made once: a `changed()` made per turn of the loop registered
+        // with (and left) the channel's waiters each time. It borrows the
+        // receiver: the server counts receivers to know when all
+        // connections have drained.
+        let drain = &mut drain;
+        let mut drain_changed = std::pin::pin!(async move {
+            loop {
+                if drain.changed().await.is_err() || *drain.borrow() {
+                    return;
+                }
+            }
+        });
         loop {
             if self.gone.is_some() {
                 self.to_upstream = Outbound::default();
@@ -817,16 +879,12 @@ impl Relay {
                     }
                 }
                 Some(event) = events.recv() => self.on_event(event),
-                r = drain.changed(), if !drain_seen => {
+                () = &mut drain_changed, if !drain_seen => {
                     drain_seen = true;
-                    if r.is_err() || *drain.borrow() {
-                        self.start_drain();
-                    }
+                    self.start_drain();
                 }
-                () = tokio::time::sleep_until(self.announced.unwrap_or_else(Instant::now)),
-                    if self.announced.is_some() && !self.draining => self.final_goaway(),
-                () = tokio::time::sleep_until(self.recheck_at.unwrap_or_else(Instant::now)),
-                    if self.recheck_at.is_some() && self.announced.is_none() => {
+                () = sleep_until(self.announced), if !self.draining => self.final_goaway(),
+                () = sleep_until(self.recheck_at), if self.announced.is_none() => {
                     self.recheck_at = None;
                     self.last_probe = Some(Instant::now());
                     let proxy = self.proxy.clone();
@@ -1043,7 +1101,37 @@ impl Relay {
 
     /// A complete header block from the client.
     fn client_block(&mut self, block: Block) -> Result<(), RelayError> {
-        let fields = decode(&mut self.client_blocks, Side::Client, &block.fragment)?;
+        // Decoded and re-encoded in one pass, into a buffer kept for the
+        // next block; its first byte is the size update the first block
+        // sent upstream starts with.
+        let mut literal = std::mem::take(&mut self.literal);
+        literal.clear();
+        literal.put_u8(0x20);
+        let mut path = std::mem::take(&mut self.path);
+        path.clear();
+        self.client_blocks
+            .decode(&block.fragment, |name, value| {
+                if name == b":path" {
+                    path.extend_from_slice(value);
+                }
+                put_literal(&mut literal, name, value);
+            })
+            .map_err(|source| RelayError::Hpack {
+                side: Side::Client,
+                source,
+            })?;
+        let result = self.client_block_decoded(block, &literal, &path);
+        self.literal = literal;
+        self.path = path;
+        result
+    }
+
+    fn client_block_decoded(
+        &mut self,
+        block: Block,
+        literal: &[u8],
+        path: &[u8],
+    ) -> Result<(), RelayError> {
         let stream = block.stream;
         let end_stream = block.flags & END_STREAM != 0;
         if let Some(d) = self.diverted.get_mut(&stream) {
@@ -1071,23 +1159,20 @@ impl Relay {
                 self.inject_control(rst_stream(stream, REFUSED_STREAM));
                 return Ok(());
             }
-            let path = field(&fields, ":path").unwrap_or_default();
             if path == PULL_IMAGE_PATH.as_bytes() {
-                // Pulls go on the shared connection, which redials.
+                // Pulls go on the shared connection, which redials. Literals
+                // decode without the connection's table.
+                let fields = decode(&mut Decoder::new(), Side::Client, &literal[1..])?;
                 self.divert(stream, fields, end_stream);
                 return Ok(());
             }
             if let Some(status) = &self.gone {
                 let mut out = BytesMut::new();
                 header_frames(&mut out, stream, true, &status_block(status, false));
-                let code = (status.code() as i32).to_string();
+                let code = code_label(Some(&(status.code() as i32).to_string()));
                 self.inject_control(out.freeze());
-                self.metrics.observe_call(
-                    &String::from_utf8_lossy(path),
-                    Some(&code),
-                    false,
-                    std::time::Duration::ZERO,
-                );
+                let method = method_label(&String::from_utf8_lossy(path));
+                self.observe(method, code, std::time::Duration::ZERO);
                 // A call is a good moment to look again (at most every
                 // RECHECK_MIN_GAP).
                 if self.probe.is_none()
@@ -1101,28 +1186,46 @@ impl Relay {
                 return Ok(());
             }
             self.upstream_max_id = stream;
+            let method = self.method(path);
             self.calls.insert(
                 stream,
                 Call {
-                    method: String::from_utf8_lossy(path).into(),
+                    label: method_label(&method),
+                    method,
                     started: Instant::now(),
                     status: None,
                     answered: false,
                 },
             );
         }
-        let mut block = BytesMut::new();
-        if std::mem::take(&mut self.first_block) {
-            // We keep no dynamic table: say so once (size update to 0).
-            block.put_u8(0x20);
+        // We keep no dynamic table: the first block says so (size 0).
+        let block = if std::mem::take(&mut self.first_block) {
+            literal
+        } else {
+            &literal[1..]
+        };
+        // Many blocks share one allocation, split off as they go.
+        let need = block.len() + 2 * FRAME_HEADER_LEN;
+        if self.frames.capacity() < need {
+            self.frames.reserve(need.max(FRAMES_CHUNK));
         }
-        for (name, value) in &fields {
-            put_literal(&mut block, name, value);
-        }
-        let mut out = BytesMut::with_capacity(block.len() + 2 * FRAME_HEADER_LEN);
-        header_frames(&mut out, stream, end_stream, &block);
-        self.to_upstream.push(out.freeze());
+        header_frames(&mut self.frames, stream, end_stream, block);
+        self.to_upstream.push(self.frames.split().freeze());
         Ok(())
+    }
+
+    /// The method named by `path`, shared between the calls of this
+    /// connection (a caller uses a handful; a caller sending many distinct
+    /// paths gets a copy each).
+    fn method(&mut self, path: &[u8]) -> Arc<str> {
+        if let Some((_, m)) = self.methods.iter().find(|(p, _)| **p == *path) {
+            return m.clone();
+        }
+        let method: Arc<str> = String::from_utf8_lossy(path).into();
+        if self.methods.len() < METHODS_KEPT {
+            self.methods.push((path.into(), method.clone()));
+        }
+        method
     }
 
     fn divert(&mut self, stream: u32, fields: Fields, end_stream: bool) {
@@ -1339,14 +1442,24 @@ impl Relay {
     }
 
     fn upstream_block(&mut self, block: Block) -> Result<(), RelayError> {
-        let fields = decode(&mut self.upstream_blocks, Side::Upstream, &block.fragment)?;
+        let mut status = None;
+        self.upstream_blocks
+            .decode(&block.fragment, |name, value| {
+                if name == b"grpc-status" {
+                    status = Some(grpc_status(value));
+                }
+            })
+            .map_err(|source| RelayError::Hpack {
+                side: Side::Upstream,
+                source,
+            })?;
         for raw in block.raw {
             self.to_client.push(raw);
         }
         if let Some(call) = self.calls.get_mut(&block.stream) {
             call.answered = true;
-            if let Some(s) = field(&fields, "grpc-status") {
-                call.status = Some(String::from_utf8_lossy(s).into_owned());
+            if status.is_some() {
+                call.status = status;
             }
             if block.flags & END_STREAM != 0 {
                 let call = self.calls.remove(&block.stream).expect("present");
@@ -1396,7 +1509,7 @@ impl Relay {
                 &status_block(&status, call.answered),
             );
             self.to_client.push(out.freeze());
-            call.status = Some(code.clone());
+            call.status = Some(Cow::Owned(code.clone()));
             self.finish(call, "upstream-error");
         }
         // The client keeps this connection, and its calls get a clear answer
@@ -1405,14 +1518,14 @@ impl Relay {
         self.recheck_at = Some(Instant::now() + UPSTREAM_RECHECK);
     }
 
-    fn finish(&self, call: Call, outcome: &str) {
+    fn finish(&mut self, call: Call, outcome: &str) {
         let elapsed = call.started.elapsed();
-        self.metrics.observe_call(
-            &call.method,
-            call.status.as_deref(),
-            outcome == "cancelled",
-            elapsed,
-        );
+        let code = if outcome == "cancelled" {
+            "cancelled"
+        } else {
+            code_label(call.status.as_deref())
+        };
+        self.observe(call.label, code, elapsed);
         tracing::debug!(
             method = %call.method,
             grpc_status = call.status.as_deref().unwrap_or("-"),
@@ -1420,6 +1533,30 @@ impl Relay {
             duration_us = elapsed.as_micros() as u64,
             "call"
         );
+    }
+
+    /// Counts a call in the metrics (see [`Metrics::observe_call`]).
+    fn observe(&mut self, method: &'static str, code: &'static str, elapsed: std::time::Duration) {
+        let i = match self
+            .call_metrics
+            .iter()
+            .position(|m| m.method == method && m.code == code)
+        {
+            Some(i) => i,
+            None => {
+                let (calls, duration) = self.metrics.call_handles(method, code);
+                self.call_metrics.push(CallMetrics {
+                    method,
+                    code,
+                    calls,
+                    duration,
+                });
+                self.call_metrics.len() - 1
+            }
+        };
+        let m = &self.call_metrics[i];
+        m.calls.inc();
+        m.duration.observe(elapsed.as_secs_f64());
     }
 }
 
