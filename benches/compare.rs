@@ -287,6 +287,103 @@ async fn real_containerd(dir: &Path, moto: &Moto) {
         );
     }
     let _ = socat_child.kill();
+
+    // Instructions: what machine noise does not move at all.
+    let (few, many) = if cfg!(debug_assertions) {
+        (10, 30)
+    } else {
+        (200, 1000)
+    };
+    let target = containerd.socket.to_str().unwrap().to_owned();
+    let socat_bin = support::require("socat", "the Debian package socat");
+    let socat_instr = instructions_per_call(dir, "socat", few, many, &status, |sock| {
+        vec![
+            socat_bin.display().to_string(),
+            format!("UNIX-LISTEN:{}", sock.display()),
+            format!("UNIX-CONNECT:{target}"),
+        ]
+    })
+    .await;
+    let proxy_instr = instructions_per_call(dir, "proxy", few, many, &status, |sock| {
+        [
+            env!("CARGO_BIN_EXE_ecr-pull-proxy"),
+            "--listen",
+            sock.to_str().unwrap(),
+            "--upstream",
+            &target,
+            "--config",
+            "/dev/null",
+            "--log-level",
+            "warn",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    })
+    .await;
+    println!("\nUser-space instructions per ImageStatus of the relay (callgrind; the difference between {many} and {few} calls on one connection):\n");
+    println!("| socat | proxy | proxy ÷ socat |\n| --- | --- | --- |");
+    println!(
+        "| {socat_instr:.0} | {proxy_instr:.0} | {:.2} |",
+        proxy_instr / socat_instr
+    );
+}
+
+/// User-space instructions per ImageStatus call of a relay under
+/// callgrind: the difference between a run of `many` calls and one of
+/// `few`, so that start-up and shut-down cancel out. `start` runs the
+/// relay's command line, listening on the socket it is given.
+async fn instructions_per_call(
+    dir: &Path,
+    name: &str,
+    few: u64,
+    many: u64,
+    msg: &Bytes,
+    command: impl Fn(&Path) -> Vec<String>,
+) -> f64 {
+    let valgrind = support::require("valgrind", "the Debian package valgrind");
+    let mut totals = Vec::new();
+    for calls in [few, many] {
+        let sock = dir.join(format!("cg-{name}.sock"));
+        let out = dir.join(format!("cg-{name}.out"));
+        let _ = std::fs::remove_file(&sock);
+        let _ = std::fs::remove_file(&out);
+        let mut child = Command::new(&valgrind)
+            .arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .args(command(&sock))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        support::wait_until(Duration::from_secs(60), "relay under callgrind", || {
+            sock.exists()
+        });
+        let ch = support::channel(&sock);
+        for _ in 0..calls {
+            call(
+                ch.clone(),
+                "/runtime.v1.ImageService/ImageStatus",
+                msg,
+                None,
+            )
+            .await;
+        }
+        drop(ch);
+        // socat ends with its one connection; the proxy on SIGTERM.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        child.wait().unwrap();
+        let text = std::fs::read_to_string(&out).expect("callgrind output");
+        let total: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("summary: "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("callgrind summary line");
+        totals.push(total);
+    }
+    (totals[1] as f64 - totals[0] as f64) / (many - few) as f64
 }
 
 /// A fast scripted upstream; then memory and start-up.
