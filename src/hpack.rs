@@ -192,56 +192,100 @@ fn string<'a>(
 /// `tree[i][bit]`; a value of `LEAF | symbol` is a leaf.
 const LEAF: u16 = 0x8000;
 
-fn tree() -> &'static [[u16; 2]] {
-    static TREE: OnceLock<Vec<[u16; 2]>> = OnceLock::new();
-    TREE.get_or_init(|| {
-        let mut tree = vec![[0u16; 2]];
-        for (symbol, &(code, len)) in HUFFMAN_CODES.iter().enumerate() {
-            let mut node = 0usize;
-            for i in (0..len).rev() {
-                let bit = ((code >> i) & 1) as usize;
-                if i == 0 {
-                    tree[node][bit] = LEAF | symbol as u16;
-                } else {
-                    if tree[node][bit] == 0 {
-                        tree.push([0, 0]);
-                        tree[node][bit] = (tree.len() - 1) as u16;
-                    }
-                    node = tree[node][bit] as usize;
+fn tree() -> Vec<[u16; 2]> {
+    let mut tree = vec![[0u16; 2]];
+    for (symbol, &(code, len)) in HUFFMAN_CODES.iter().enumerate() {
+        let mut node = 0usize;
+        for i in (0..len).rev() {
+            let bit = ((code >> i) & 1) as usize;
+            if i == 0 {
+                tree[node][bit] = LEAF | symbol as u16;
+            } else {
+                if tree[node][bit] == 0 {
+                    tree.push([0, 0]);
+                    tree[node][bit] = (tree.len() - 1) as u16;
                 }
+                node = tree[node][bit] as usize;
             }
         }
-        tree
+    }
+    tree
+}
+
+/// One step of the decoder: four bits from a node of the tree.
+#[derive(Clone, Copy, Default)]
+struct Step {
+    /// The node the four bits lead to (0, the root, after a symbol).
+    next: u16,
+    /// The symbol they complete, if any (codes are at least five bits
+    /// long, so four bits complete at most one).
+    symbol: Option<u8>,
+    /// They run into EOS, which must not appear in a string.
+    eos: bool,
+}
+
+/// The decoder's tables, built once from the tree: for each internal node
+/// the step each of the sixteen nibbles takes (walking the tree a bit at a
+/// time cost 12 % of the relay's instructions), and whether a string may
+/// end there (RFC 7541 §5.2: padding is at most seven bits, all ones).
+struct Huffman {
+    steps: Vec<[Step; 16]>,
+    may_end: Vec<bool>,
+}
+
+fn huffman() -> &'static Huffman {
+    static TABLES: OnceLock<Huffman> = OnceLock::new();
+    TABLES.get_or_init(|| {
+        let tree = tree();
+        let steps = (0..tree.len())
+            .map(|start| {
+                let mut row = [Step::default(); 16];
+                for (nibble, step) in row.iter_mut().enumerate() {
+                    let mut node = start;
+                    for i in (0..4).rev() {
+                        let next = tree[node][(nibble >> i) & 1];
+                        if next & LEAF == 0 {
+                            node = next as usize;
+                        } else if next & !LEAF == 256 {
+                            step.eos = true;
+                            node = 0;
+                        } else {
+                            step.symbol = Some((next & !LEAF) as u8);
+                            node = 0;
+                        }
+                    }
+                    step.next = node as u16;
+                }
+                row
+            })
+            .collect();
+        // The root, and the first seven nodes down the all-ones path.
+        let mut may_end = vec![false; tree.len()];
+        let mut node = 0usize;
+        for _ in 0..8 {
+            may_end[node] = true;
+            node = tree[node][1] as usize;
+        }
+        Huffman { steps, may_end }
     })
 }
 
 fn huffman_decode(s: &[u8], out: &mut Vec<u8>) -> Result<(), HpackError> {
-    let tree = tree();
+    let tables = huffman();
     let mut node = 0usize;
-    // Bits since the last symbol, all of them ones so far (valid padding).
-    let mut pad_bits = 0u32;
-    let mut pad_ones = true;
     for &byte in s {
-        for i in (0..8).rev() {
-            let bit = usize::from((byte >> i) & 1);
-            pad_bits += 1;
-            pad_ones &= bit == 1;
-            let next = tree[node][bit];
-            if next & LEAF != 0 {
-                let symbol = next & !LEAF;
-                if symbol == 256 {
-                    return Err(HpackError::Huffman);
-                }
-                out.push(symbol as u8);
-                node = 0;
-                pad_bits = 0;
-                pad_ones = true;
-            } else {
-                node = next as usize;
+        for nibble in [byte >> 4, byte & 0xf] {
+            let step = tables.steps[node][usize::from(nibble)];
+            if step.eos {
+                return Err(HpackError::Huffman);
             }
+            if let Some(symbol) = step.symbol {
+                out.push(symbol);
+            }
+            node = usize::from(step.next);
         }
     }
-    if pad_bits > 7 || !pad_ones {
+    if !tables.may_end[node] {
         return Err(HpackError::Huffman);
     }
     Ok(())
@@ -658,6 +702,67 @@ mod tests {
         assert_eq!(second[0], (":status".to_string(), "307".to_string()));
         assert_eq!(second[3].0, "location");
         assert_eq!(d.size, 222);
+    }
+
+    /// Huffman-codes `s` from the code table, padded with `pad` (RFC 7541
+    /// §5.2: the most significant bits of EOS, all ones).
+    fn huffman_encode(s: &[u8], pad: bool) -> Vec<u8> {
+        let (mut bits, mut n, mut out) = (0u64, 0u32, Vec::new());
+        for &c in s {
+            let (code, len) = HUFFMAN_CODES[usize::from(c)];
+            bits = (bits << len) | u64::from(code);
+            n += u32::from(len);
+            while n >= 8 {
+                n -= 8;
+                out.push((bits >> n) as u8);
+            }
+        }
+        if n > 0 {
+            let fill = if pad { (1u64 << (8 - n)) - 1 } else { 0 };
+            out.push(((bits << (8 - n)) | fill) as u8);
+        }
+        out
+    }
+
+    #[test]
+    fn every_byte_value_survives_huffman_coding() {
+        let all: Vec<u8> = (0..=255).collect();
+        let mut long = Vec::new();
+        for i in 0..4096u32 {
+            long.push((i.wrapping_mul(2_654_435_761) >> 13) as u8);
+        }
+        for s in [
+            &b""[..],
+            b"a",
+            b"/runtime.v1.ImageService/ImageStatus",
+            &all,
+            &long,
+        ] {
+            let mut out = Vec::new();
+            huffman_decode(&huffman_encode(s, true), &mut out).unwrap();
+            assert_eq!(out, s);
+        }
+    }
+
+    #[test]
+    fn huffman_padding_must_be_short_and_all_ones() {
+        let mut out = Vec::new();
+        // "a" is 00011: three bits of padding.
+        assert!(huffman_decode(&huffman_encode(b"a", false), &mut out).is_err());
+        // A whole byte of ones after a complete code is eight bits of padding.
+        let mut long_pad = huffman_encode(b"0", true);
+        assert_eq!(long_pad, [0x07]);
+        long_pad.push(0xff);
+        assert!(huffman_decode(&long_pad, &mut out).is_err());
+        // EOS itself (30 ones) in a string.
+        assert!(huffman_decode(&[0xff, 0xff, 0xff, 0xff], &mut out).is_err());
+        // Exactly seven bits of ones is fine: five 5-bit codes fill three
+        // bytes and one bit.
+        out.clear();
+        let seven = huffman_encode(b"00000", true);
+        assert_eq!(seven, [0, 0, 0, 0x7f]);
+        huffman_decode(&seven, &mut out).unwrap();
+        assert_eq!(out, b"00000");
     }
 
     #[test]
