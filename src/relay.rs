@@ -341,8 +341,11 @@ impl Socket {
         })
     }
 
+    /// Readable, through the socket's single reader slot: unlike
+    /// `AsyncFd::readable`, nothing is added to (and taken from) a list of
+    /// waiters each turn of the relay's loop. The relay is the only reader.
     async fn readable(&self) -> io::Result<AsyncFdReadyGuard<'_, StdUnixStream>> {
-        self.io.readable().await
+        std::future::poll_fn(|cx| self.io.poll_read_ready(cx)).await
     }
 
     fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -367,7 +370,9 @@ impl Socket {
         };
         // Cleared before the write it allows: room made after this wakes
         // the relay again, so a write that finds none is not stuck.
-        wait.writable().await?.clear_ready();
+        std::future::poll_fn(|cx| wait.poll_write_ready(cx))
+            .await?
+            .clear_ready();
         Ok(())
     }
 }
