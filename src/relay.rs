@@ -70,6 +70,10 @@ const SEND_FRAME_SIZE: usize = 16_384;
 const DEFAULT_WINDOW: i64 = 65_535;
 /// Bytes read from a socket at once.
 const READ_CHUNK: usize = 256 * 1024;
+/// Room for reads a connection starts with; it doubles up to READ_CHUNK
+/// while reads fill it. Zeroed room is resident memory, and a connection
+/// making small calls needs little.
+const FIRST_READ_CHUNK: usize = 16 * 1024;
 /// Room for header frames allocated at once (see [`Relay::client_block`]).
 const FRAMES_CHUNK: usize = 16 * 1024;
 /// Method names a connection keeps for its calls to share.
@@ -477,6 +481,8 @@ struct Inbound {
     /// Zeroed room for the next reads, in the same allocation right after
     /// `buf` so that what is read joins it without a copy.
     room: BytesMut,
+    /// How much room to make next time.
+    chunk: usize,
     /// Payload bytes of a frame being passed through that are still to come.
     passing: usize,
     /// A header block waiting for its CONTINUATION frames: the stream, the
@@ -497,6 +503,7 @@ impl Inbound {
         Inbound {
             buf: BytesMut::new(),
             room: BytesMut::new(),
+            chunk: FIRST_READ_CHUNK,
             passing: 0,
             block: None,
             eof: false,
@@ -511,12 +518,12 @@ impl Inbound {
     /// guard carries the tick of the readiness it was taken at, so readiness
     /// set again since is not lost.
     fn read(&mut self, guard: &mut AsyncFdReadyGuard<'_, StdUnixStream>) -> io::Result<bool> {
-        if self.room.len() < READ_CHUNK / 4 {
+        if self.room.len() < self.chunk / 4 {
             // The room is zeroed once here: reading needs initialized
             // memory, and the crate has no unsafe code to skip that.
-            let mut fresh = BytesMut::with_capacity(self.buf.len() + READ_CHUNK);
+            let mut fresh = BytesMut::with_capacity(self.buf.len() + self.chunk);
             fresh.extend_from_slice(&self.buf);
-            fresh.resize(self.buf.len() + READ_CHUNK, 0);
+            fresh.resize(self.buf.len() + self.chunk, 0);
             self.room = fresh.split_off(self.buf.len());
             self.buf = fresh;
         }
@@ -530,6 +537,8 @@ impl Inbound {
                 self.buf.unsplit(self.room.split_to(n));
                 if n < room {
                     guard.clear_ready();
+                } else {
+                    self.chunk = (self.chunk * 2).min(READ_CHUNK);
                 }
                 Ok(true)
             }
