@@ -395,6 +395,9 @@ async fn sleep_until(at: Option<Instant>) {
 /// a fast hash serves (std's SipHash was 6 % of the relay's instructions).
 type StreamMap<V> = foldhash::HashMap<u32, V>;
 
+/// A method name a connection keeps: the `:path`, the name, its label.
+type Method = (Box<[u8]>, Arc<str>, &'static str);
+
 /// The metric handles of one method and code.
 struct CallMetrics {
     method: &'static str,
@@ -495,7 +498,9 @@ struct Block {
     stream: u32,
     flags: u8,
     raw: Vec<Bytes>,
-    fragment: BytesMut,
+    /// The block: a slice of the HEADERS frame when it is whole there (the
+    /// usual case, no copy), else the fragments gathered.
+    fragment: Bytes,
 }
 
 impl Inbound {
@@ -611,7 +616,7 @@ impl Inbound {
                 stream: head.stream,
                 flags: head.flags,
                 raw: raw(),
-                fragment: BytesMut::from(fragment),
+                fragment: frame.slice_ref(fragment),
             };
             if head.flags & END_HEADERS != 0 {
                 return Ok(Some(block));
@@ -628,7 +633,10 @@ impl Inbound {
         if block.fragment.len() + payload.len() > MAX_HEADER_LIST_SIZE as usize {
             return Err(protocol(side, "header block too large"));
         }
-        block.fragment.extend_from_slice(payload);
+        let mut gathered = BytesMut::with_capacity(block.fragment.len() + payload.len());
+        gathered.extend_from_slice(&block.fragment);
+        gathered.extend_from_slice(payload);
+        block.fragment = gathered.freeze();
         block.raw.extend(raw());
         if head.flags & END_HEADERS == 0 {
             return Ok(None);
@@ -678,9 +686,11 @@ enum Out {
     Reset,
 }
 
-struct Event {
-    stream: u32,
-    out: Out,
+enum Event {
+    /// Part of the answer to a diverted stream.
+    Answer { stream: u32, out: Out },
+    /// The daemon is shutting down: drain this connection.
+    Drain,
 }
 
 /// A request body fed by the relay.
@@ -742,7 +752,18 @@ pub async fn relay(
         last_probe: None,
         events_tx,
     };
-    let result = relay.run(events, drain).await;
+    // The drain signal comes in as an event: a watch future polled on every
+    // turn of the loop cost 5 % of a call's instructions. The receiver kept
+    // here is what the server counts to know the connection has drained.
+    let drain_events = relay.events_tx.clone();
+    let mut drain_seen = drain.clone();
+    let drain_watch = tokio::spawn(async move {
+        let _ = drain_seen.wait_for(|d| *d).await;
+        let _ = drain_events.send(Event::Drain);
+    });
+    let result = relay.run(events).await;
+    drain_watch.abort();
+    drop(drain);
     for d in relay.diverted.values() {
         d.task.abort();
     }
@@ -768,8 +789,9 @@ struct Relay {
     path: Vec<u8>,
     /// Header frames on their way upstream, split off as they are sent.
     frames: BytesMut,
-    /// Method names seen on this connection (see [`Relay::method`]).
-    methods: Vec<(Box<[u8]>, Arc<str>)>,
+    /// Method names seen on this connection, with their metric labels
+    /// (see [`Relay::method`]).
+    methods: Vec<Method>,
     /// Metric handles by method and code, so that a call's metrics cost no
     /// lookup in the shared families.
     call_metrics: Vec<CallMetrics>,
@@ -815,28 +837,7 @@ struct Relay {
 }
 
 impl Relay {
-    async fn run(
-        &mut self,
-        mut events: mpsc::UnboundedReceiver<Event>,
-        mut drain: watch::Receiver<bool>,
-    ) -> Result<(), RelayError> {
-        let mut drain_seen = false;
-        if *drain.borrow_and_update() {
-            drain_seen = true;
-            self.start_drain();
-        }
-        // Made once: a `changed()` made per turn of the loop registered
-        // with (and left) the channel's waiters each time. It borrows the
-        // receiver: the server counts receivers to know when all
-        // connections have drained.
-        let drain = &mut drain;
-        let mut drain_changed = std::pin::pin!(async move {
-            loop {
-                if drain.changed().await.is_err() || *drain.borrow() {
-                    return;
-                }
-            }
-        });
+    async fn run(&mut self, mut events: mpsc::UnboundedReceiver<Event>) -> Result<(), RelayError> {
         loop {
             if self.gone.is_some() {
                 self.to_upstream = Outbound::default();
@@ -893,10 +894,6 @@ impl Relay {
                     }
                 }
                 Some(event) = events.recv() => self.on_event(event),
-                () = &mut drain_changed, if !drain_seen => {
-                    drain_seen = true;
-                    self.start_drain();
-                }
                 () = sleep_until(self.announced), if !self.draining => self.final_goaway(),
                 () = sleep_until(self.recheck_at), if self.announced.is_none() => {
                     self.recheck_at = None;
@@ -1200,11 +1197,11 @@ impl Relay {
                 return Ok(());
             }
             self.upstream_max_id = stream;
-            let method = self.method(path);
+            let (method, label) = self.method(path);
             self.calls.insert(
                 stream,
                 Call {
-                    label: method_label(&method),
+                    label,
                     method,
                     started: Instant::now(),
                     status: None,
@@ -1228,18 +1225,19 @@ impl Relay {
         Ok(())
     }
 
-    /// The method named by `path`, shared between the calls of this
-    /// connection (a caller uses a handful; a caller sending many distinct
-    /// paths gets a copy each).
-    fn method(&mut self, path: &[u8]) -> Arc<str> {
-        if let Some((_, m)) = self.methods.iter().find(|(p, _)| **p == *path) {
-            return m.clone();
+    /// The method named by `path` and its metric label, shared between the
+    /// calls of this connection (a caller uses a handful; a caller sending
+    /// many distinct paths gets a copy each).
+    fn method(&mut self, path: &[u8]) -> (Arc<str>, &'static str) {
+        if let Some((_, m, label)) = self.methods.iter().find(|(p, ..)| **p == *path) {
+            return (m.clone(), label);
         }
         let method: Arc<str> = String::from_utf8_lossy(path).into();
+        let label = method_label(&method);
         if self.methods.len() < METHODS_KEPT {
-            self.methods.push((path.into(), method.clone()));
+            self.methods.push((path.into(), method.clone(), label));
         }
-        method
+        (method, label)
     }
 
     fn divert(&mut self, stream: u32, fields: Fields, end_stream: bool) {
@@ -1249,7 +1247,7 @@ impl Relay {
         let events = self.events_tx.clone();
         let task = tokio::spawn(async move {
             let send = |out| {
-                let _ = events.send(Event { stream, out });
+                let _ = events.send(Event::Answer { stream, out });
             };
             let resp = match req {
                 Some(req) => proxy.handle(req).await,
@@ -1297,8 +1295,12 @@ impl Relay {
     // --- answers to diverted streams ---
 
     fn on_event(&mut self, event: Event) {
-        if let Some(d) = self.diverted.get_mut(&event.stream) {
-            d.pending.push_back(event.out);
+        let (stream, out) = match event {
+            Event::Answer { stream, out } => (stream, out),
+            Event::Drain => return self.start_drain(),
+        };
+        if let Some(d) = self.diverted.get_mut(&stream) {
+            d.pending.push_back(out);
             self.send_pending();
         }
     }
