@@ -33,7 +33,8 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -42,8 +43,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, Request};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream as StdUnixStream;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
@@ -56,8 +57,6 @@ use crate::metrics::{code_label, method_label, Metrics};
 use crate::proxy::{
     status_for, BoxError, Proxy, ProxyBody, ProxyError, MAX_HEADER_LIST_SIZE, PULL_IMAGE_PATH,
 };
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 
 /// The client connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
