@@ -309,13 +309,24 @@ fn header_frames(out: &mut BytesMut, stream: u32, end_stream: bool, block: &[u8]
 /// A decoded header list, in order.
 type Fields = Vec<(Bytes, Bytes)>;
 
+/// Decodes `block`, handing each field to `field`.
+fn decode_each(
+    decoder: &mut Decoder,
+    side: Side,
+    block: &[u8],
+    field: impl FnMut(&[u8], &[u8]),
+) -> Result<(), RelayError> {
+    decoder
+        .decode(block, field)
+        .map_err(|source| RelayError::Hpack { side, source })
+}
+
+/// Decodes `block` into owned fields.
 fn decode(decoder: &mut Decoder, side: Side, block: &[u8]) -> Result<Fields, RelayError> {
     let mut fields = Vec::new();
-    decoder
-        .decode(block, |n, v| {
-            fields.push((Bytes::copy_from_slice(n), Bytes::copy_from_slice(v)))
-        })
-        .map_err(|source| RelayError::Hpack { side, source })?;
+    decode_each(decoder, side, block, |n, v| {
+        fields.push((Bytes::copy_from_slice(n), Bytes::copy_from_slice(v)))
+    })?;
     Ok(fields)
 }
 
@@ -1119,17 +1130,17 @@ impl Relay {
         literal.put_u8(0x20);
         let mut path = std::mem::take(&mut self.path);
         path.clear();
-        self.client_blocks
-            .decode(&block.fragment, |name, value| {
+        decode_each(
+            &mut self.client_blocks,
+            Side::Client,
+            &block.fragment,
+            |name, value| {
                 if name == b":path" {
                     path.extend_from_slice(value);
                 }
                 put_literal(&mut literal, name, value);
-            })
-            .map_err(|source| RelayError::Hpack {
-                side: Side::Client,
-                source,
-            })?;
+            },
+        )?;
         let result = self.client_block_decoded(block, &literal, &path);
         self.literal = literal;
         self.path = path;
@@ -1458,16 +1469,16 @@ impl Relay {
 
     fn upstream_block(&mut self, block: Block) -> Result<(), RelayError> {
         let mut status = None;
-        self.upstream_blocks
-            .decode(&block.fragment, |name, value| {
+        decode_each(
+            &mut self.upstream_blocks,
+            Side::Upstream,
+            &block.fragment,
+            |name, value| {
                 if name == b"grpc-status" {
                     status = Some(grpc_status(value));
                 }
-            })
-            .map_err(|source| RelayError::Hpack {
-                side: Side::Upstream,
-                source,
-            })?;
+            },
+        )?;
         for raw in block.raw {
             self.to_client.push(raw);
         }
