@@ -305,10 +305,9 @@ impl Metrics {
         } else {
             code_label(grpc_status)
         };
-        self.calls.get_or_create(&CallLabels { method, code }).inc();
-        self.call_duration
-            .get_or_create(&MethodLabels { method })
-            .observe(elapsed.as_secs_f64());
+        let (calls, duration) = self.call_handles(method, code);
+        calls.inc();
+        duration.observe(elapsed.as_secs_f64());
     }
 
     /// Records one AWS call.

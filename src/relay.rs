@@ -53,7 +53,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::hpack::Decoder;
-use crate::metrics::{code_label, method_label, Metrics};
+use crate::metrics::{code_label, method_label};
 use crate::proxy::{
     status_for, BoxError, Proxy, ProxyBody, ProxyError, MAX_HEADER_LIST_SIZE, PULL_IMAGE_PATH,
 };
@@ -728,7 +728,6 @@ pub async fn relay(
 ) -> Result<(), RelayError> {
     let (events_tx, events) = mpsc::unbounded_channel();
     let mut relay = Relay {
-        metrics: proxy.metrics().clone(),
         proxy,
         client: Socket::new(client)?,
         upstream: Socket::new(upstream)?,
@@ -786,7 +785,6 @@ pub async fn relay(
 
 struct Relay {
     proxy: Proxy,
-    metrics: Arc<Metrics>,
     client: Socket,
     upstream: Socket,
     from_client: Inbound,
@@ -1570,7 +1568,7 @@ impl Relay {
         {
             Some(i) => i,
             None => {
-                let (calls, duration) = self.metrics.call_handles(method, code);
+                let (calls, duration) = self.proxy.metrics().call_handles(method, code);
                 self.call_metrics.push(CallMetrics {
                     method,
                     code,
