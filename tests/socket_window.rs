@@ -1,9 +1,13 @@
 //! The socket never exists with a wider mode than configured, even when the
 //! proxy inherits umask 000. A watcher polls the path's mode while the
-//! proxy starts. (Its own file: umask is process-wide.)
+//! proxy starts, and the proxy is stopped only once the watcher has seen
+//! the socket at least once (on a busy machine the watcher thread may not
+//! run at all before the proxy listens). (Its own file: umask is
+//! process-wide.)
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,13 +23,13 @@ fn socket_is_never_more_open_than_its_mode() {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let sock = dir.path().join("p.sock");
         let stop = Arc::new(AtomicBool::new(false));
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(BTreeSet::new()));
         let watcher = {
             let (stop, seen, sock) = (stop.clone(), seen.clone(), sock.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok(m) = std::fs::symlink_metadata(&sock) {
-                        seen.lock().unwrap().push(m.permissions().mode() & 0o777);
+                        seen.lock().unwrap().insert(m.permissions().mode() & 0o777);
                     }
                 }
             })
@@ -34,12 +38,14 @@ fn socket_is_never_more_open_than_its_mode() {
         support::wait_until(Duration::from_secs(10), "proxy to listen", || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
+        support::wait_until(Duration::from_secs(10), "watcher to see the socket", || {
+            !seen.lock().unwrap().is_empty()
+        });
         stop.store(true, Ordering::Relaxed);
         watcher.join().unwrap();
         let _ = child.kill();
         let _ = child.wait();
         let seen = seen.lock().unwrap();
-        assert!(!seen.is_empty(), "round {round}: watcher saw the socket");
         for m in seen.iter() {
             assert_eq!(
                 m & !0o660,
