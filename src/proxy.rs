@@ -43,6 +43,11 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024 * 1024;
 /// How long dialling the upstream socket (connect + HTTP/2 handshake) may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a client connection whose upstream went away checks whether
+/// the upstream answers again.
+pub const UPSTREAM_RECHECK: Duration = Duration::from_secs(1);
+/// The least time between two such checks when calls prompt them.
+pub const RECHECK_MIN_GAP: Duration = Duration::from_millis(100);
 
 /// Error type of bodies flowing through the proxy.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -311,6 +316,41 @@ impl Upstream {
                     format!("ImageFsInfo took longer than {}s", DIAL_TIMEOUT.as_secs()).into(),
                 )
             })?
+    }
+
+    /// Resolves once the upstream answers a [`probe`](Self::probe) again,
+    /// for a client connection that saw it go away (at `since`). A probe
+    /// starts [`UPSTREAM_RECHECK`] after the last one started (or after
+    /// `since`), or sooner when `nudge` is notified (a call arrived), but
+    /// never closer than [`RECHECK_MIN_GAP`] to it.
+    pub async fn answers_again(&self, since: Instant, nudge: &tokio::sync::Notify) {
+        recheck(since, nudge, || async { self.probe().await.is_ok() }).await;
+    }
+}
+
+/// Runs `probe` on the schedule [`Upstream::answers_again`] describes
+/// until it answers true.
+async fn recheck<F, Fut>(since: Instant, nudge: &tokio::sync::Notify, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut last = since;
+    loop {
+        // A nudge given while a probe runs is kept by Notify and moves the
+        // next one forward.
+        let nudged = async {
+            nudge.notified().await;
+            tokio::time::sleep_until(last + RECHECK_MIN_GAP).await;
+        };
+        tokio::select! {
+            () = nudged => {}
+            () = tokio::time::sleep_until(last + UPSTREAM_RECHECK) => {}
+        }
+        last = Instant::now();
+        if probe().await {
+            return;
+        }
     }
 }
 
@@ -1021,6 +1061,66 @@ mod tests {
         status_response(&Status::new(Code::from(code), message))
             .headers()
             .clone()
+    }
+
+    /// Probes `answers` in turn and records when each one started,
+    /// relative to `since`.
+    async fn probes_of(
+        since: Instant,
+        nudge: &tokio::sync::Notify,
+        answers: &[bool],
+    ) -> Vec<Duration> {
+        let started = Mutex::new(Vec::new());
+        let mut answers = answers.iter();
+        recheck(since, nudge, || {
+            started.lock().unwrap().push(since.elapsed());
+            let up = *answers.next().expect("no more probes than answers");
+            async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                up
+            }
+        })
+        .await;
+        started.into_inner().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_is_probed_every_recheck_until_it_answers() {
+        let nudge = tokio::sync::Notify::new();
+        let probes = probes_of(Instant::now(), &nudge, &[false, false, true]).await;
+        assert_eq!(
+            probes,
+            [1, 2, 3].map(|n| UPSTREAM_RECHECK * n),
+            "one probe per UPSTREAM_RECHECK, counted from each probe's start"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_brings_the_next_probe_forward_but_not_closer_than_the_gap() {
+        let nudge = std::sync::Arc::new(tokio::sync::Notify::new());
+        let since = Instant::now();
+        let calls = {
+            let nudge = nudge.clone();
+            tokio::spawn(async move {
+                // A call at once: the first probe waits out the gap only.
+                nudge.notify_one();
+                // A call while that probe runs: the next one follows a gap
+                // after the first started.
+                tokio::time::sleep(RECHECK_MIN_GAP + Duration::from_millis(10)).await;
+                nudge.notify_one();
+                // No call: the third waits the full recheck.
+            })
+        };
+        let probes = probes_of(since, &nudge, &[false, false, true]).await;
+        calls.await.unwrap();
+        assert_eq!(
+            probes,
+            [
+                RECHECK_MIN_GAP,
+                RECHECK_MIN_GAP * 2,
+                RECHECK_MIN_GAP * 2 + UPSTREAM_RECHECK
+            ]
+        );
     }
 
     #[test]

@@ -99,11 +99,6 @@ const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 /// The payload of the PING that follows the first GOAWAY: its ACK means
 /// every stream the client opened before it saw the GOAWAY has arrived.
 const DRAIN_PING: [u8; 8] = *b"eppdrain";
-/// How often a connection whose upstream went away checks whether the
-/// upstream answers again (and the HTTP/2 server path likewise).
-pub const UPSTREAM_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
-/// The least time between two such checks when calls prompt them.
-const RECHECK_MIN_GAP: std::time::Duration = std::time::Duration::from_millis(100);
 /// How long to wait for that ACK before the final GOAWAY.
 const DRAIN_PING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// The highest stream id: a GOAWAY carrying it announces the end without
@@ -756,9 +751,7 @@ pub async fn relay(
         draining: false,
         announced: None,
         gone: None,
-        recheck_at: None,
-        probe: None,
-        last_probe: None,
+        recovery: None,
         events_tx,
     };
     // The drain signal comes in as an event: a watch future polled on every
@@ -835,13 +828,27 @@ struct Relay {
     announced: Option<Instant>,
     /// Once the upstream is gone: what calls on this connection are told.
     gone: Option<tonic::Status>,
-    /// When to check next whether the upstream answers again.
-    recheck_at: Option<Instant>,
-    /// That check, running.
-    probe: Option<JoinHandle<bool>>,
-    /// When the last check started.
-    last_probe: Option<Instant>,
+    /// Once the upstream is gone: the wait for it to answer again.
+    recovery: Option<Recovery>,
     events_tx: mpsc::UnboundedSender<Event>,
+}
+
+/// A connection's wait for its upstream to answer again
+/// ([`Upstream::answers_again`](crate::proxy::Upstream::answers_again)).
+struct Recovery {
+    answered: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    /// Told of each call that arrives meanwhile.
+    nudge: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Recovery {
+    fn new(proxy: Proxy) -> Self {
+        let nudge = std::sync::Arc::new(tokio::sync::Notify::new());
+        let since = Instant::now();
+        let told = nudge.clone();
+        let answered = Box::pin(async move { proxy.upstream().answers_again(since, &told).await });
+        Recovery { answered, nudge }
+    }
 }
 
 impl Relay {
@@ -903,26 +910,14 @@ impl Relay {
                 }
                 Some(event) = events.recv() => self.on_event(event),
                 () = sleep_until(self.announced), if !self.draining => self.final_goaway(),
-                () = sleep_until(self.recheck_at), if self.announced.is_none() => {
-                    self.recheck_at = None;
-                    self.last_probe = Some(Instant::now());
-                    let proxy = self.proxy.clone();
-                    self.probe = Some(tokio::spawn(async move {
-                        proxy.upstream().probe().await.is_ok()
-                    }));
-                }
-                up = async { self.probe.as_mut().expect("guarded").await },
-                    if self.probe.is_some() => {
-                    self.probe = None;
-                    if up.unwrap_or(false) {
-                        tracing::info!(
-                            upstream = %self.proxy.upstream().path().display(),
-                            "upstream answers again; asking a client served without it to reconnect"
-                        );
-                        self.start_drain();
-                    } else {
-                        self.recheck_at = Some(Instant::now() + UPSTREAM_RECHECK);
-                    }
+                () = async { self.recovery.as_mut().expect("guarded").answered.as_mut().await },
+                    if self.recovery.is_some() && self.announced.is_none() && !self.draining => {
+                    self.recovery = None;
+                    tracing::info!(
+                        upstream = %self.proxy.upstream().path().display(),
+                        "upstream answers again; asking a client served without it to reconnect"
+                    );
+                    self.start_drain();
                 }
             }
         }
@@ -1192,15 +1187,9 @@ impl Relay {
                 self.inject_control(out.freeze());
                 let method = method_label(&String::from_utf8_lossy(path));
                 self.observe(method, code, std::time::Duration::ZERO);
-                // A call is a good moment to look again (at most every
-                // RECHECK_MIN_GAP).
-                if self.probe.is_none()
-                    && self.announced.is_none()
-                    && self
-                        .last_probe
-                        .is_none_or(|t| t.elapsed() >= RECHECK_MIN_GAP)
-                {
-                    self.recheck_at = Some(Instant::now());
+                // A call is a good moment to look again.
+                if let Some(recovery) = &self.recovery {
+                    recovery.nudge.notify_one();
                 }
                 return Ok(());
             }
@@ -1539,7 +1528,9 @@ impl Relay {
         // The client keeps this connection, and its calls get a clear answer
         // until the upstream is back; then it is asked to reconnect. (A
         // GOAWAY now would fail the calls racing it in some clients.)
-        self.recheck_at = Some(Instant::now() + UPSTREAM_RECHECK);
+        if self.recovery.is_none() {
+            self.recovery = Some(Recovery::new(self.proxy.clone()));
+        }
     }
 
     fn finish(&mut self, call: Call, outcome: &str) {

@@ -7,18 +7,18 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use nix::sys::stat::Mode;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::proxy::{
     boxed, Proxy, CONNECTION_WINDOW, DIAL_TIMEOUT, MAX_HEADER_LIST_SIZE, STREAM_WINDOW,
 };
-use crate::relay::UPSTREAM_RECHECK;
 
 /// Mode of the socket's parent directory when the proxy creates it.
 pub const SOCKET_DIR_MODE: u32 = 0o755;
@@ -275,25 +275,30 @@ async fn serve_connection(
 
 /// Serves a connection with the HTTP/2 server, each call through
 /// [`Proxy::handle`], until the client leaves or `draining` turns true.
-/// Meanwhile it checks every [`UPSTREAM_RECHECK`] whether the upstream
-/// answers again; once it does, the client is asked (GOAWAY) to reconnect,
-/// so that its next connection gets the relay.
+/// Meanwhile it checks whether the upstream answers again
+/// ([`Upstream::answers_again`](crate::proxy::Upstream::answers_again),
+/// nudged by each call); once it does, the client is asked (GOAWAY) to
+/// reconnect, so that its next connection gets the relay.
 async fn serve_http2(
     stream: UnixStream,
     proxy: Proxy,
     builder: hyper::server::conn::http2::Builder<TokioExecutor>,
     mut draining: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let nudge = Arc::new(Notify::new());
     let svc_proxy = proxy.clone();
+    let svc_nudge = nudge.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        svc_nudge.notify_one();
         let proxy = svc_proxy.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req.map(boxed)).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     let mut conn = std::pin::pin!(conn);
-    let mut recheck = tokio::time::interval(UPSTREAM_RECHECK);
-    recheck.tick().await;
-    let mut probing: Option<std::pin::Pin<Box<dyn Future<Output = bool> + Send>>> = None;
+    let back = proxy
+        .upstream()
+        .answers_again(tokio::time::Instant::now(), &nudge);
+    let mut back = std::pin::pin!(back);
     let mut closing = *draining.borrow_and_update();
     if closing {
         conn.as_mut().graceful_shutdown();
@@ -307,20 +312,13 @@ async fn serve_http2(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = recheck.tick(), if !closing && probing.is_none() => {
-                let proxy = proxy.clone();
-                probing = Some(Box::pin(async move { proxy.upstream().probe().await.is_ok() }));
-            }
-            up = async { probing.as_mut().expect("guarded").await }, if probing.is_some() => {
-                probing = None;
-                if up && !closing {
-                    tracing::info!(
-                        upstream = %proxy.upstream().path().display(),
-                        "upstream answers again; asking a client served without it to reconnect"
-                    );
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
+            () = back.as_mut(), if !closing => {
+                tracing::info!(
+                    upstream = %proxy.upstream().path().display(),
+                    "upstream answers again; asking a client served without it to reconnect"
+                );
+                closing = true;
+                conn.as_mut().graceful_shutdown();
             }
         }
     }

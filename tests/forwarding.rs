@@ -815,6 +815,73 @@ async fn a_connection_made_while_upstream_was_down_is_asked_to_reconnect_once_it
     assert!(!proxy.logs().contains("closed a client connection"));
 }
 
+/// containerd restarting under a relayed connection: the caller's calls
+/// get Unavailable until containerd is back, then the connection is asked
+/// to reconnect and the same channel works again.
+#[tokio::test]
+async fn a_relayed_connection_whose_upstream_restarted_is_asked_to_reconnect() {
+    let dir = support::short_tempdir();
+    let sock = dir.path().join("up.sock");
+    // An upstream that answers every call OK while `up` is true; turning it
+    // false closes every connection and drops new ones, as a containerd
+    // that died would.
+    let (up, watching) = tokio::sync::watch::channel(true);
+    h2_upstream(&sock, move |mut conn| {
+        let mut up = watching.clone();
+        async move {
+            if !*up.borrow_and_update() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    next = conn.accept() => {
+                        let Some(Ok((_req, mut respond))) = next else { return };
+                        let head = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let mut tx = respond.send_response(head, false).unwrap();
+                        tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
+                            .unwrap();
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        tx.send_trailers(trailers).unwrap();
+                    }
+                    _ = up.changed() => return,
+                }
+            }
+        }
+    });
+    let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
+    let channel = proxy.channel();
+    raw::image_fs_info(channel.clone()).await.unwrap();
+
+    up.send(false).unwrap();
+    support::eventually(Duration::from_secs(5), "the relay to see it go", || {
+        proxy.logs().contains("until it is back")
+    })
+    .await;
+    let err = raw::image_fs_info(channel.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(sock.to_str().unwrap()), "{err:?}");
+    assert!(!proxy.logs().contains("upstream answers again"));
+
+    up.send(true).unwrap();
+    support::eventually(
+        Duration::from_secs(10),
+        "the relay to ask the client to reconnect",
+        || {
+            proxy
+                .logs()
+                .contains("upstream answers again; asking a client served without it to reconnect")
+        },
+    )
+    .await;
+    raw::image_fs_info(channel.clone()).await.unwrap();
+    raw::image_fs_info(channel).await.unwrap();
+    assert!(!proxy.logs().contains("closed a client connection"));
+}
+
 /// containerd closing an idle connection: the caller keeps it, and until
 /// containerd answers again its calls get Unavailable naming the socket
 /// and its pings are answered.
