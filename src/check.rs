@@ -217,7 +217,10 @@ async fn image_check(r: &mut Report, config: &Config, image: &str) {
             target.pattern, target.key
         ),
     );
-    let source = AwsSource::new(config.credentials.aws_timeout);
+    let source = AwsSource::new(
+        config.credentials.aws_timeout,
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    );
     match source.fetch(&target.key).await {
         Ok(token) => {
             let expires = humantime::format_rfc3339_seconds(token.expires_at);

@@ -72,7 +72,10 @@ pub enum RunError {
 /// `cli` points at.
 pub async fn run(cli: config::Cli, config: Config) -> Result<(), RunError> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let source = Arc::new(ecr::aws::AwsSource::new(config.credentials.aws_timeout));
+    let source = Arc::new(ecr::aws::AwsSource::new(
+        config.credentials.aws_timeout,
+        metrics.clone(),
+    ));
     let cache = ecr::TokenCache::new(source, config.credentials.max_token_age, metrics.clone());
     let resolver = credentials::Resolver::new(config.credentials.clone(), cache.clone());
     let upstream = proxy::Upstream::new(&config.upstream, metrics.upstream_up.clone());

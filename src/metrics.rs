@@ -116,7 +116,8 @@ pub struct PullLabels {
 /// Labels of `aws_calls_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AwsLabels {
-    /// `ecr:GetAuthorizationToken` or `ecr-public:GetAuthorizationToken`.
+    /// `ecr:GetAuthorizationToken`, `ecr-public:GetAuthorizationToken`, or
+    /// `sts:AssumeRole` (a registry entry's `role_arn`).
     pub api: &'static str,
     /// `ok`, or the AWS error code (`ThrottlingException`, `HTTP 429`,
     /// `timeout`, ...).

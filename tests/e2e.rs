@@ -283,7 +283,13 @@ registry = "210987654321.dkr.ecr.eu-west-1.amazonaws.com"
 role_arn = "arn:aws:iam::210987654321:role/pull"
 external_id = "ext-1"
 "#;
-    let proxy = s.proxy("p", config);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let proxy = s.proxy("p", &format!("metrics_listen = \"{metrics}\"\n{config}"));
     pull(proxy.channel(), &format!("{mirror}/team/app:v1"), None)
         .await
         .expect("pull through the role");
@@ -303,6 +309,12 @@ external_id = "ext-1"
     );
     assert!(assume[0].2.contains("ExternalId=ext-1"), "{}", assume[0].2);
     assert_eq!(s.moto.calls("GetAuthorizationToken", "eu-west-1"), 1);
+    // Both AWS calls are counted, each under its own API.
+    let (_, text) = scrape(&metrics, "/metrics");
+    for api in ["sts:AssumeRole", "ecr:GetAuthorizationToken"] {
+        let line = format!("ecr_pull_proxy_aws_calls_total{{api=\"{api}\",code=\"ok\"}}");
+        assert_eq!(sample(&text, &line), Some(1.0), "{text}");
+    }
     // The node's own identity (account 123456789012) does not open it.
     assert_refused(pull(proxy.channel(), &format!("{ECR_HOST}/team/app:v1"), None).await);
     assert_no_secrets(&proxy.logs());

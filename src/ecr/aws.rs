@@ -14,6 +14,7 @@ use base64::Engine;
 use futures_util::future::BoxFuture;
 
 use super::{CredentialSource, EcrService, ErrorKind, SourceError, Token, TokenKey};
+use crate::metrics::Metrics;
 use crate::pull::Credentials;
 
 /// Pinned so that an SDK upgrade cannot change retry or timeout defaults
@@ -77,15 +78,19 @@ pub struct AwsSource {
     base: Arc<tokio::sync::OnceCell<SdkConfig>>,
     timeout: Duration,
     clients: Clients,
+    metrics: Arc<Metrics>,
 }
 
 impl AwsSource {
-    /// A source with `timeout` on every call.
-    pub fn new(timeout: Duration) -> Self {
+    /// A source with `timeout` on every call. The `AssumeRole` calls the
+    /// SDK makes for a registry entry's role are counted in `metrics`
+    /// (`GetAuthorizationToken` is counted by the token cache).
+    pub fn new(timeout: Duration, metrics: Arc<Metrics>) -> Self {
         AwsSource {
             base: Arc::default(),
             timeout,
             clients: Arc::default(),
+            metrics,
         }
     }
 
@@ -93,6 +98,7 @@ impl AwsSource {
         base: &tokio::sync::OnceCell<SdkConfig>,
         timeout: Duration,
         clients: &Clients,
+        metrics: &Arc<Metrics>,
         key: &TokenKey,
     ) -> Client {
         if let Some(c) = clients.lock().expect("clients lock").get(key) {
@@ -109,7 +115,10 @@ impl AwsSource {
                 if let Some(id) = &role.external_id {
                     builder = builder.external_id(id.clone());
                 }
-                Some(builder.build().await)
+                Some(ObservedRole {
+                    inner: builder.build().await,
+                    metrics: metrics.clone(),
+                })
             }
             None => None,
         };
@@ -182,15 +191,16 @@ impl AwsSource {
 
 impl CredentialSource for AwsSource {
     fn fetch(&self, key: &TokenKey) -> BoxFuture<'static, Result<Token, SourceError>> {
-        let (base, timeout, clients, key) = (
+        let (base, timeout, clients, metrics, key) = (
             self.base.clone(),
             self.timeout,
             self.clients.clone(),
+            self.metrics.clone(),
             key.clone(),
         );
         Box::pin(async move {
             let call = async {
-                let client = Self::client(&base, timeout, &clients, &key).await;
+                let client = Self::client(&base, timeout, &clients, &metrics, &key).await;
                 Self::call(client).await
             };
             // The SDK's operation timeout covers the call; this one also
@@ -219,6 +229,67 @@ impl CredentialSource for AwsSource {
             })
         })
     }
+}
+
+/// The metric name of the SDK's `AssumeRole` calls.
+pub const ASSUME_ROLE_API: &str = "sts:AssumeRole";
+
+/// A registry entry's role: the SDK's `AssumeRoleProvider`, each of whose
+/// calls (the SDK caches the credentials it returns until shortly before
+/// they expire) is counted as [`ASSUME_ROLE_API`].
+struct ObservedRole {
+    inner: aws_config::sts::AssumeRoleProvider,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for ObservedRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedRole").finish_non_exhaustive()
+    }
+}
+
+impl aws_credential_types::provider::ProvideCredentials for ObservedRole {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(async move {
+            let started = std::time::Instant::now();
+            let result = self.inner.provide_credentials().await;
+            let code = match &result {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => assume_role_code(e),
+            };
+            self.metrics
+                .observe_aws(ASSUME_ROLE_API, code, started.elapsed());
+            result
+        })
+    }
+}
+
+/// The `code` label of a failed `AssumeRole`: STS's error code (or HTTP
+/// status) when STS answered, else what kind of failure it was.
+fn assume_role_code(err: &aws_credential_types::provider::error::CredentialsError) -> String {
+    type StsError = SdkError<
+        aws_sdk_sts::operation::assume_role::AssumeRoleError,
+        aws_smithy_runtime_api::http::Response,
+    >;
+    let classified = match find_source::<StsError>(err) {
+        Some(sts) => classify(sts),
+        None if matches!(
+            err,
+            aws_credential_types::provider::error::CredentialsError::ProviderTimedOut(_)
+        ) =>
+        {
+            SourceError::new(ErrorKind::Timeout, None, "")
+        }
+        None => SourceError::new(ErrorKind::NoCredentials, None, ""),
+    };
+    classified
+        .code
+        .unwrap_or_else(|| format!("{:?}", classified.kind))
 }
 
 /// Decodes an ECR authorization token: base64 of `AWS:<password>`.
@@ -341,6 +412,46 @@ mod tests {
         assert_eq!(
             (c.username.as_str(), c.password.as_str()),
             ("AWS", "123456789012-auth-token")
+        );
+    }
+
+    #[test]
+    fn a_failed_assume_role_is_labelled_by_what_sts_said() {
+        use aws_credential_types::provider::error::CredentialsError;
+        use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+        use aws_smithy_types::error::ErrorMetadata;
+        let refused = |code: Option<&str>, status: u16| {
+            let mut meta = ErrorMetadata::builder();
+            if let Some(code) = code {
+                meta = meta.code(code);
+            }
+            let response = aws_smithy_runtime_api::http::Response::new(
+                status.try_into().unwrap(),
+                aws_smithy_types::body::SdkBody::empty(),
+            );
+            CredentialsError::provider_error(SdkError::service_error(
+                AssumeRoleError::generic(meta.build()),
+                response,
+            ))
+        };
+        assert_eq!(
+            assume_role_code(&refused(Some("AccessDenied"), 403)),
+            "AccessDenied"
+        );
+        assert_eq!(
+            assume_role_code(&refused(Some("Throttling"), 400)),
+            "Throttling"
+        );
+        assert_eq!(assume_role_code(&refused(None, 503)), "HTTP 503");
+        assert_eq!(
+            assume_role_code(&CredentialsError::provider_timed_out(Duration::from_secs(
+                5
+            ))),
+            "Timeout"
+        );
+        assert_eq!(
+            assume_role_code(&CredentialsError::not_loaded("no base credentials")),
+            "NoCredentials"
         );
     }
 
