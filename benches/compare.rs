@@ -156,6 +156,12 @@ async fn main() {
     // `cargo bench` passes --bench; nothing else is expected. BENCH_ONLY
     // (`containerd` or `scripted`) runs one part, for quick before/after runs.
     let only = std::env::var("BENCH_ONLY").ok();
+    if let Some(part) = only.as_deref() {
+        assert!(
+            ["containerd", "scripted"].contains(&part),
+            "BENCH_ONLY={part:?}: expected `containerd` or `scripted`"
+        );
+    }
     let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
     let dir = support::short_tempdir();
     println!(
