@@ -29,7 +29,10 @@
 //! `Unavailable` naming the socket on the client's connection, which stays
 //! open; then the client is asked to reconnect with the two-step GOAWAY of
 //! RFC 9113 §6.8 (highest stream id and a PING, then the last stream seen).
-//! SIGTERM drains the same way.
+//! SIGTERM drains the same way. The upstream's own final GOAWAY reaches the
+//! client with its last stream id raised to cover the pulls still in
+//! flight (the upstream never saw them), and the upstream's streams in
+//! between are refused with REFUSED_STREAM on its behalf.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -820,8 +823,9 @@ struct Relay {
     /// which would take them for a protocol error.
     upstream_max_id: u32,
     last_stream: u32,
-    /// The final GOAWAY has been sent to the client: new streams are refused
-    /// and the connection ends once the calls in flight have.
+    /// The final GOAWAY (ours, or the upstream's) has been sent to the
+    /// client: new streams are refused and the connection ends once the
+    /// calls in flight have.
     draining: bool,
     /// The first GOAWAY (highest stream id) and its PING went out; the final
     /// one follows the PING's ACK, or this deadline.
@@ -1445,13 +1449,46 @@ impl Relay {
                         "upstream closed the connection for a protocol error"
                     );
                 }
-                // The client sees it and stops opening streams here; the
-                // connection ends when containerd closes it.
-                self.to_client.push(frame);
+                let last = payload
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) & MAX_STREAM_ID);
+                match last {
+                    Some(last) if last != MAX_STREAM_ID && payload.len() >= 8 => {
+                        self.on_upstream_goaway(last, &payload);
+                    }
+                    // The first step of a graceful shutdown (or a frame the
+                    // client will judge): the client stops opening streams,
+                    // nothing is refused yet.
+                    _ => self.to_client.push(frame),
+                }
             }
             _ => self.to_client.push(frame),
         }
         Ok(())
+    }
+
+    /// The upstream's final GOAWAY: its streams above `last` were not and
+    /// will not be processed. `last` counts the upstream's streams only, so
+    /// the client is told the higher of it and the diverted streams in
+    /// flight (which the upstream never saw and the proxy still answers);
+    /// the upstream streams between the two are refused on its behalf.
+    fn on_upstream_goaway(&mut self, last: u32, payload: &[u8]) {
+        let keep = self.diverted.keys().copied().fold(last, u32::max);
+        let mut refused: Vec<u32> = self.calls.keys().copied().filter(|&s| s > last).collect();
+        refused.sort_unstable();
+        for stream in refused {
+            let call = self.calls.remove(&stream).expect("listed");
+            self.to_client.push(rst_stream(stream, REFUSED_STREAM));
+            self.finish(call, "refused-by-upstream");
+        }
+        let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + payload.len());
+        put_head(&mut out, payload.len(), GOAWAY, 0, 0);
+        out.put_u32(keep);
+        out.put_slice(&payload[4..]);
+        self.to_client.push(out.freeze());
+        // Streams the client opens from here are refused, and the
+        // connection ends once the calls in flight have.
+        self.draining = true;
     }
 
     fn upstream_block(&mut self, block: Block) -> Result<(), RelayError> {

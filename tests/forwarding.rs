@@ -4,6 +4,7 @@
 mod support;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -880,6 +881,174 @@ async fn a_relayed_connection_whose_upstream_restarted_is_asked_to_reconnect() {
     raw::image_fs_info(channel.clone()).await.unwrap();
     raw::image_fs_info(channel).await.unwrap();
     assert!(!proxy.logs().contains("closed a client connection"));
+}
+
+/// containerd stopping gracefully (`systemctl restart containerd`) while a
+/// pull is in flight: its final GOAWAY names the last stream it saw, which
+/// is below the pull's stream (the pull went to the proxy's own upstream
+/// connection). The pull must not be refused to the caller for that.
+#[tokio::test]
+async fn a_pull_in_flight_survives_the_upstream_going_away_gracefully() {
+    let dir = support::short_tempdir();
+    let sock = dir.path().join("up.sock");
+    let status_arrived = Arc::new(tokio::sync::Notify::new());
+    let pull_arrived = Arc::new(tokio::sync::Notify::new());
+    let (status_seen, pull_seen) = (status_arrived.clone(), pull_arrived.clone());
+    // ImageStatus waits for the pull to arrive (on another connection),
+    // answers, then shuts its connection down gracefully; the pull is
+    // answered half a second later.
+    h2_upstream(&sock, move |mut conn| {
+        let (status_seen, pull_seen) = (status_seen.clone(), pull_seen.clone());
+        async move {
+            let (shut_tx, mut shut_rx) = tokio::sync::mpsc::channel::<()>(1);
+            loop {
+                tokio::select! {
+                    next = conn.accept() => {
+                        let Some(Ok((req, mut respond))) = next else { return };
+                        let pull = req.uri().path().ends_with("/PullImage");
+                        let goaway = req.uri().path().ends_with("/ImageStatus");
+                        let (status_seen, pull_seen, shut) =
+                            (status_seen.clone(), pull_seen.clone(), shut_tx.clone());
+                        tokio::spawn(async move {
+                            if pull {
+                                pull_seen.notify_one();
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            } else if goaway {
+                                status_seen.notify_one();
+                                pull_seen.notified().await;
+                            }
+                            let head = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .unwrap();
+                            let mut tx = respond.send_response(head, false).unwrap();
+                            tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
+                                .unwrap();
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                            tx.send_trailers(trailers).unwrap();
+                            if goaway {
+                                let _ = shut.send(()).await;
+                            }
+                        });
+                    }
+                    Some(()) = shut_rx.recv() => conn.graceful_shutdown(),
+                }
+            }
+        }
+    });
+    let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
+    let channel = proxy.channel();
+    // Stream 1 on the relayed connection reaches containerd...
+    let status = tokio::spawn(raw::unary(
+        channel.clone(),
+        "/runtime.v1.ImageService/ImageStatus",
+        Request::new(Bytes::new()),
+    ));
+    tokio::time::timeout(Duration::from_secs(10), status_arrived.notified())
+        .await
+        .expect("ImageStatus reaches the upstream");
+    // ...stream 3, the pull, goes to the proxy's own connection.
+    let pull = raw::unary(
+        channel.clone(),
+        "/runtime.v1.ImageService/PullImage",
+        Request::new(message_with_unknown_field("PullImage")),
+    )
+    .await;
+    status.await.unwrap().expect("ImageStatus");
+    pull.expect("the pull is answered, not refused by the GOAWAY");
+    let logs = proxy.logs();
+    assert!(!logs.contains("closed a client connection"), "{logs}");
+}
+
+/// containerd ending a connection at once (an error, a hard stop): its
+/// GOAWAY names the last stream it read. A call it never read, below a
+/// pull still in flight, is refused with REFUSED_STREAM (safe to retry)
+/// while the pull completes.
+#[tokio::test]
+async fn a_call_the_upstream_never_read_is_refused_and_the_pull_goes_on() {
+    let dir = support::short_tempdir();
+    let sock = dir.path().join("up.sock");
+    let status_arrived = Arc::new(tokio::sync::Notify::new());
+    let pull_arrived = Arc::new(tokio::sync::Notify::new());
+    let (status_seen, pull_seen) = (status_arrived.clone(), pull_arrived.clone());
+    let ok = |mut respond: h2::server::SendResponse<Bytes>| {
+        let head = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let mut tx = respond.send_response(head, false).unwrap();
+        tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
+            .unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        tx.send_trailers(trailers).unwrap();
+    };
+    // The relayed connection: the first ImageStatus is read, and then
+    // nothing more until the pull arrives on the proxy's own connection;
+    // then that ImageStatus is answered and the connection ended at once
+    // with a GOAWAY naming it as the last stream read.
+    h2_upstream(&sock, move |mut conn| {
+        let (status_seen, pull_seen) = (status_seen.clone(), pull_seen.clone());
+        async move {
+            let Some(Ok((req, respond))) = conn.accept().await else {
+                return;
+            };
+            if req.uri().path().ends_with("/PullImage") {
+                pull_seen.notify_one();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    ok(respond);
+                });
+                while let Some(Ok(_)) = conn.accept().await {}
+                return;
+            }
+            status_seen.notify_one();
+            pull_seen.notified().await;
+            ok(respond);
+            conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+            while let Some(Ok(_)) = conn.accept().await {}
+        }
+    });
+    let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
+    let channel = proxy.channel();
+    let status = |channel| {
+        tokio::spawn(raw::unary(
+            channel,
+            "/runtime.v1.ImageService/ImageStatus",
+            Request::new(Bytes::new()),
+        ))
+    };
+    // Stream 1, read by the upstream.
+    let first = status(channel.clone());
+    tokio::time::timeout(Duration::from_secs(10), status_arrived.notified())
+        .await
+        .expect("ImageStatus reaches the upstream");
+    // Stream 3, forwarded but never read.
+    let unread = status(channel.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Stream 5, the pull, on the proxy's own connection.
+    let pull = raw::unary(
+        channel.clone(),
+        "/runtime.v1.ImageService/PullImage",
+        Request::new(message_with_unknown_field("PullImage")),
+    )
+    .await;
+    // (h2 may close before its answer goes out: OK or Unavailable.)
+    if let Err(e) = first.await.unwrap() {
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    }
+    pull.expect("the pull is answered, not refused by the GOAWAY");
+    let err = unread.await.unwrap().unwrap_err();
+    let mut cause = std::error::Error::source(&err);
+    let mut reason = None;
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            reason = h2.reason();
+        }
+        cause = e.source();
+    }
+    assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{err:?}");
 }
 
 /// containerd closing an idle connection: the caller keeps it, and until
