@@ -19,6 +19,8 @@ pub const MOTO_ACCOUNT: &str = "123456789012";
 pub const MOTO_PASSWORD: &str = "123456789012-auth-token";
 /// moto's token as it travels: base64 of `AWS:<password>`.
 pub const MOTO_TOKEN_B64: &str = "QVdTOjEyMzQ1Njc4OTAxMi1hdXRoLXRva2Vu";
+/// The node's AWS secret access key (moto accepts any).
+pub const NODE_SECRET_KEY: &str = "node-secret-key-9c41e0";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -442,7 +444,7 @@ impl Moto {
         vec![
             ("AWS_ENDPOINT_URL", format!("http://{}", self.addr)),
             ("AWS_ACCESS_KEY_ID", "testing".into()),
-            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", NODE_SECRET_KEY.into()),
         ]
     }
 

@@ -4,7 +4,7 @@ use ecr_pull_proxy::cri::{self, image_service_client::ImageServiceClient};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::real::{Containerd, Moto, Registry, MOTO_PASSWORD, MOTO_TOKEN_B64};
+use super::real::{Containerd, Moto, Registry, MOTO_PASSWORD, MOTO_TOKEN_B64, NODE_SECRET_KEY};
 use super::{ProxyOptions, ProxyProcess};
 
 pub const ECR_HOST: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
@@ -149,15 +149,21 @@ pub fn assert_refused(result: Result<String, Status>) -> Status {
     err
 }
 
-/// No secret of the stack (moto's password and token, the caller's password
-/// and its base64 `auth` form) appears in `text`.
+/// No secret of the stack appears in `text`: the node's AWS secret key,
+/// the caller's password and its base64 `auth` form, and any ECR token
+/// moto hands out (`<account>-auth-token`, whichever account asked, and
+/// its base64 `AWS:…` form, whose prefix is the same for every password).
 pub fn assert_no_secret_in(text: &str) {
     use base64::Engine;
     let caller_b64 =
         base64::engine::general_purpose::STANDARD.encode(format!("AWS:{CALLER_PASSWORD}"));
+    // base64 of "AWS:" followed by anything starts with these characters.
+    let any_token_b64 = &MOTO_TOKEN_B64[..5];
     for secret in [
         MOTO_PASSWORD,
-        MOTO_TOKEN_B64,
+        "-auth-token",
+        any_token_b64,
+        NODE_SECRET_KEY,
         CALLER_PASSWORD,
         caller_b64.as_str(),
     ] {
