@@ -750,6 +750,7 @@ pub async fn relay(
         held: false,
         pending_control: Vec::new(),
         upstream_max_id: 0,
+        upstream_spoke: true,
         last_stream: 0,
         draining: false,
         announced: None,
@@ -818,6 +819,9 @@ struct Relay {
     held: bool,
     /// Frames of our own waiting for a frame boundary towards the client.
     pending_control: Vec<Bytes>,
+    /// The upstream sent HEADERS or DATA since the last PING passed to it
+    /// (what resets containerd's ping strikes).
+    upstream_spoke: bool,
     /// The highest stream the upstream has seen opened. Frames for streams
     /// above it (ours, or refused while draining) never reach the upstream,
     /// which would take them for a protocol error.
@@ -1085,12 +1089,25 @@ impl Relay {
             PING if head.flags & ACK != 0 && payload[..] == DRAIN_PING[..] => {
                 self.final_goaway();
             }
-            PING if head.flags & ACK == 0 && self.gone.is_some() && payload.len() == 8 => {
-                // Nobody else is there to answer it.
+            PING if head.flags & ACK == 0
+                && payload.len() == 8
+                && (self.gone.is_some() || !self.upstream_spoke) =>
+            {
+                // With the upstream gone, nobody else is there to answer it.
+                // Otherwise: the upstream sent nothing since the last PING it
+                // got, so to containerd (grpc-go) this one would be a strike
+                // of its ping policy, and the third closes the connection
+                // with ENHANCE_YOUR_CALM. A grpc-go caller sends one after
+                // each burst of DATA it receives (BDP estimation), and
+                // diverted answers are DATA containerd never sent.
                 let mut out = BytesMut::with_capacity(FRAME_HEADER_LEN + 8);
                 put_head(&mut out, 8, PING, ACK, 0);
                 out.put_slice(&payload);
                 self.inject_control(out.freeze());
+            }
+            PING if head.flags & ACK == 0 => {
+                self.upstream_spoke = false;
+                self.to_upstream.push(frame);
             }
             _ if self.is_ours(head.stream) => {}
             _ => self.to_upstream.push(frame),
@@ -1389,6 +1406,7 @@ impl Relay {
                 return Ok(());
             };
             if head.kind == DATA {
+                self.upstream_spoke = true;
                 if self.window < head.len as i64 {
                     // Diverted answers used the client's window; wait for
                     // its WINDOW_UPDATE.
@@ -1421,6 +1439,7 @@ impl Relay {
         let payload = frame.slice(FRAME_HEADER_LEN..);
         match head.kind {
             HEADERS | CONTINUATION => {
+                self.upstream_spoke = true;
                 if let Some(block) =
                     self.from_upstream
                         .gather(Side::Upstream, head, &frame, true)?
