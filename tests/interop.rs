@@ -1,29 +1,63 @@
-//! A caller that is not built on the h2 crate: gRPC C-core (PyPI `grpcio`),
-//! with its own HPACK encoder (dynamic table, Huffman), flow control and
-//! pings, against real containerd, registry and moto. kubelet's grpc-go
-//! cannot be installed here; C-core is the other gRPC implementation that
-//! can.
+//! Callers that are not built on the h2 crate, against real containerd,
+//! registry and moto, direct and through the proxy:
+//!
+//! - grpc-go (Debian's golang-google-grpc-dev), kubelet's and crictl's gRPC
+//!   library, with the HPACK encoder, flow control and BDP pings of
+//!   golang.org/x/net/http2;
+//! - gRPC C-core (PyPI `grpcio`), with its own HPACK encoder (dynamic
+//!   table, Huffman), flow control and pings.
 
 mod support;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use support::stack::*;
 
-const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/grpc_client.py");
+const C_CORE_CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/grpc_client.py");
+const GO_CLIENT_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/grpc_go_client");
+/// Where Debian's golang-*-dev packages put their sources (GOPATH mode).
+const DEBIAN_GOPATH: &str = "/usr/share/gocode";
 
-/// Runs the C-core client against `socket`: call name → (code, digest).
+/// Builds the grpc-go caller (a few seconds; Go caches the rest).
+fn go_client() -> PathBuf {
+    let go = support::require("go", "golang-go and golang-google-grpc-dev (Debian)");
+    assert!(
+        Path::new(DEBIAN_GOPATH)
+            .join("src/google.golang.org/grpc")
+            .is_dir(),
+        "grpc-go sources not found under {DEBIAN_GOPATH}: install golang-google-grpc-dev (`.ci/install` does this)"
+    );
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let binary = out_dir.join("grpc-go-client");
+    let out = Command::new(go)
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(GO_CLIENT_SOURCE)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", DEBIAN_GOPATH)
+        .env("GOCACHE", out_dir.join("go-build"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the grpc-go caller failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary
+}
+
+/// Runs a caller against `socket`: call name → (code, digest), and the
+/// concurrent run's "calls failed" line.
 fn run_client(
-    socket: &std::path::Path,
+    caller: &[PathBuf],
+    socket: &Path,
     image: &str,
 ) -> (HashMap<String, (String, String)>, String) {
-    let python = support::require(
-        "python3",
-        "python3 (Debian) with grpcio (`.ci/install` adds it to target/test-tools/venv)",
-    );
-    let out = Command::new(python)
-        .arg(CLIENT)
+    let out = Command::new(&caller[0])
+        .args(&caller[1..])
         .arg(socket)
         .arg(image)
         .output()
@@ -31,7 +65,7 @@ fn run_client(
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "grpc_client.py failed (is grpcio installed? `.ci/install` adds it): {}{stdout}",
+        "{caller:?} failed: {}{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
     let mut calls = HashMap::new();
@@ -52,19 +86,19 @@ fn run_client(
     (calls, concurrent)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_grpc_c_core_caller_gets_what_it_gets_direct_and_its_pulls_get_a_token() {
+/// The caller gets through the proxy what it gets direct, and its pulls
+/// (which fail direct: containerd has no credentials) get a token.
+fn gets_what_it_gets_direct_and_its_pulls_get_a_token(caller: &[PathBuf]) {
     let s = Stack::start(&[ECR_HOST]);
     s.registry.push_image("app", &["v1"]);
     let image = format!("{ECR_HOST}/app:v1");
     let proxy = s.proxy("p", "");
 
-    let (direct, _) = run_client(&s.containerd.socket, &image);
-    // Direct, containerd has no credentials for the registry.
+    let (direct, _) = run_client(caller, &s.containerd.socket, &image);
     assert_eq!(direct["PullImage"].0, "UNKNOWN", "{direct:?}");
     assert!(direct["PullImage"].1.contains("401"), "{direct:?}");
 
-    let (through, concurrent) = run_client(&proxy.socket, &image);
+    let (through, concurrent) = run_client(caller, &proxy.socket, &image);
     for name in [
         "ListImages",
         "ImageStatus",
@@ -90,4 +124,18 @@ async fn a_grpc_c_core_caller_gets_what_it_gets_direct_and_its_pulls_get_a_token
     assert!(!logs.contains("protocol error"), "{logs}");
     assert!(logs.contains("credentials=\"injected\""), "{logs}");
     assert_no_secrets(&logs);
+}
+
+#[test]
+fn a_grpc_go_caller_gets_what_it_gets_direct_and_its_pulls_get_a_token() {
+    gets_what_it_gets_direct_and_its_pulls_get_a_token(&[go_client()]);
+}
+
+#[test]
+fn a_grpc_c_core_caller_gets_what_it_gets_direct_and_its_pulls_get_a_token() {
+    let python = support::require(
+        "python3",
+        "python3 (Debian) with grpcio (`.ci/install` adds it to target/test-tools/venv)",
+    );
+    gets_what_it_gets_direct_and_its_pulls_get_a_token(&[python, C_CORE_CLIENT.into()]);
 }
