@@ -139,3 +139,59 @@ fn a_grpc_c_core_caller_gets_what_it_gets_direct_and_its_pulls_get_a_token() {
     );
     gets_what_it_gets_direct_and_its_pulls_get_a_token(&[python, C_CORE_CLIENT.into()]);
 }
+
+/// containerd killed and started again under a grpc-go caller that keeps
+/// calling on one connection, as kubelet does: its calls answer OK, then
+/// only UNAVAILABLE while containerd is away, then OK again for good, on
+/// the caller's own reconnect.
+#[test]
+fn a_grpc_go_caller_rides_out_a_containerd_restart() {
+    let caller = go_client();
+    let mut s = Stack::start(&[ECR_HOST]);
+    let proxy = s.proxy("p", "");
+    let watch = Command::new(&caller)
+        .arg(&proxy.socket)
+        .arg("-")
+        .arg("watch:15")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    s.containerd.kill();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Returns once containerd's CRI service answers.
+    s.containerd.restart();
+    let out = watch.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // OK+ UNAVAILABLE+ OK+, and nothing else.
+    let codes: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap_or_default())
+        .collect();
+    let mut phases: Vec<&str> = codes.clone();
+    phases.dedup();
+    assert_eq!(phases, ["OK", "UNAVAILABLE", "OK"], "{stdout}");
+    let socket = s.containerd.socket.to_str().unwrap();
+    for line in stdout.lines().filter(|l| l.contains(" UNAVAILABLE ")) {
+        assert!(line.contains(socket), "names containerd's socket: {line}");
+    }
+    // Well before the end, calls work again.
+    let back = codes.iter().rposition(|c| *c != "OK").unwrap() + 1;
+    assert!(
+        codes.len() - back > 100,
+        "calls worked again only at the end: {stdout}"
+    );
+    let logs = proxy.logs();
+    assert!(!logs.contains("closed a client connection"), "{logs}");
+    assert!(
+        logs.contains("upstream answers again; asking a client served without it to reconnect"),
+        "{logs}"
+    );
+    assert_no_secrets(&logs);
+}

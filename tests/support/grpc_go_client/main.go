@@ -1,13 +1,17 @@
 // A CRI caller built on grpc-go, kubelet's gRPC library, for
 // tests/interop.rs.
 //
-// Usage: grpc_go_client SOCKET IMAGE
+// Usage: grpc_go_client SOCKET IMAGE [watch:SECONDS]
 //
 // Calls SOCKET with raw protobuf bytes (a codec that passes bytes through),
 // so no generated code is needed, and prints one line per call:
 // `name code sha256-of-answer-or-message`. Then makes 600 calls from 32
 // goroutines on one connection, mixed with 20 pulls, and prints how many
 // did not end as expected.
+//
+// With watch:SECONDS it instead calls ImageFsInfo every 20 ms on one
+// connection for that long, as kubelet keeps calling its runtime, and
+// prints `milliseconds code message` for each call.
 //
 // Built in GOPATH mode against Debian's golang-google-grpc-dev, which is
 // what can be installed here (no Go module proxy).
@@ -20,6 +24,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -49,7 +54,11 @@ func field(number int, payload []byte) []byte {
 // call makes one unary call: the code's name and the answer's digest, or
 // the error message with spaces as underscores.
 func call(conn *grpc.ClientConn, method string, body []byte) (string, string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	return callWithin(conn, method, body, 60*time.Second)
+}
+
+func callWithin(conn *grpc.ClientConn, method string, body []byte, timeout time.Duration) (string, string) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	var answer []byte
 	err := conn.Invoke(ctx, "/runtime.v1.ImageService/"+method, &body, &answer, grpc.ForceCodec(raw{}))
@@ -76,6 +85,23 @@ func main() {
 		os.Exit(1)
 	}
 	defer conn.Close()
+	if len(os.Args) > 3 && strings.HasPrefix(os.Args[3], "watch:") {
+		seconds, err := strconv.Atoi(strings.TrimPrefix(os.Args[3], "watch:"))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "watch:", err)
+			os.Exit(2)
+		}
+		start := time.Now()
+		for time.Since(start) < time.Duration(seconds)*time.Second {
+			code, message := callWithin(conn, "ImageFsInfo", nil, 5*time.Second)
+			if code == "OK" {
+				message = "-"
+			}
+			fmt.Println(time.Since(start).Milliseconds(), code, message)
+			time.Sleep(20 * time.Millisecond)
+		}
+		return
+	}
 	spec := field(1, field(1, image))
 	calls := []struct {
 		name, method string
