@@ -1011,44 +1011,53 @@ async fn a_call_the_upstream_never_read_is_refused_and_the_pull_goes_on() {
         }
     });
     let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
-    let channel = proxy.channel();
-    let status = |channel| {
-        tokio::spawn(raw::unary(
-            channel,
-            "/runtime.v1.ImageService/ImageStatus",
-            Request::new(Bytes::new()),
-        ))
+    // A raw HTTP/2 client: stream ids follow the order of send_request.
+    let io = tokio::net::UnixStream::connect(&proxy.socket)
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let mut open = |method: &str, message: Bytes| {
+        let req = http::Request::post(format!("http://localhost/runtime.v1.ImageService/{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (resp, mut body) = client.send_request(req, false).unwrap();
+        let mut framed = vec![0, 0, 0, 0, message.len() as u8];
+        framed.extend_from_slice(&message);
+        body.send_data(framed.into(), true).unwrap();
+        resp
     };
     // Stream 1, read by the upstream.
-    let first = status(channel.clone());
+    let first = open("ImageStatus", Bytes::new());
     tokio::time::timeout(Duration::from_secs(10), status_arrived.notified())
         .await
         .expect("ImageStatus reaches the upstream");
-    // Stream 3, forwarded but never read.
-    let unread = status(channel.clone());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Stream 5, the pull, on the proxy's own connection.
-    let pull = raw::unary(
-        channel.clone(),
-        "/runtime.v1.ImageService/PullImage",
-        Request::new(message_with_unknown_field("PullImage")),
-    )
-    .await;
-    // (h2 may close before its answer goes out: OK or Unavailable.)
-    if let Err(e) = first.await.unwrap() {
-        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    // Stream 3, forwarded but never read; stream 5, the pull, on the
+    // proxy's own connection.
+    let unread = open("ImageStatus", Bytes::new());
+    let pull = open("PullImage", message_with_unknown_field("PullImage"));
+    let pull = tokio::time::timeout(Duration::from_secs(10), pull)
+        .await
+        .expect("the pull is answered")
+        .expect("the pull is answered, not refused by the GOAWAY");
+    let mut body = pull.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.expect("the pull's answer");
     }
-    pull.expect("the pull is answered, not refused by the GOAWAY");
-    let err = unread.await.unwrap().unwrap_err();
-    let mut cause = std::error::Error::source(&err);
-    let mut reason = None;
-    while let Some(e) = cause {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            reason = h2.reason();
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0", "{trailers:?}");
+    let err = unread.await.unwrap_err();
+    assert_eq!(err.reason(), Some(h2::Reason::REFUSED_STREAM), "{err:?}");
+    // (h2 may close before the first answer goes out: an answer or
+    // Unavailable from the proxy.)
+    if let Ok(resp) = first.await {
+        if let Some(code) = resp.headers().get("grpc-status") {
+            assert!(code == "0" || code == "14", "{resp:?}");
         }
-        cause = e.source();
     }
-    assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{err:?}");
 }
 
 /// containerd closing an idle connection: the caller keeps it, and until
