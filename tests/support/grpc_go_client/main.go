@@ -10,8 +10,9 @@
 // did not end as expected.
 //
 // With watch:SECONDS it instead calls ImageFsInfo every 20 ms on one
-// connection for that long, as kubelet keeps calling its runtime, and
-// prints `milliseconds code message` for each call.
+// connection, as kubelet keeps calling its runtime, until its standard
+// input closes (or SECONDS pass), and prints `unix-milliseconds code
+// message` for each call.
 //
 // Built in GOPATH mode against Debian's golang-google-grpc-dev, which is
 // what can be installed here (no Go module proxy).
@@ -22,6 +23,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
@@ -91,16 +93,26 @@ func main() {
 			fmt.Fprintln(os.Stderr, "watch:", err)
 			os.Exit(2)
 		}
-		start := time.Now()
-		for time.Since(start) < time.Duration(seconds)*time.Second {
+		stop := make(chan struct{})
+		go func() {
+			io.Copy(io.Discard, os.Stdin)
+			close(stop)
+		}()
+		deadline := time.After(time.Duration(seconds) * time.Second)
+		for {
 			code, message := callWithin(conn, "ImageFsInfo", nil, 5*time.Second)
 			if code == "OK" {
 				message = "-"
 			}
-			fmt.Println(time.Since(start).Milliseconds(), code, message)
-			time.Sleep(20 * time.Millisecond)
+			fmt.Println(time.Now().UnixMilli(), code, message)
+			select {
+			case <-stop:
+				return
+			case <-deadline:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
 		}
-		return
 	}
 	spec := field(1, field(1, image))
 	calls := []struct {
