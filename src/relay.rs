@@ -24,11 +24,14 @@
 //! Injected header blocks use only the static table and literals without
 //! indexing, so they never change the client's HPACK state.
 //!
-//! When the upstream closes the connection, calls in flight on it, and new
-//! calls until the upstream answers an `ImageFsInfo` again, are answered
-//! `Unavailable` naming the socket on the client's connection, which stays
-//! open; then the client is asked to reconnect with the two-step GOAWAY of
-//! RFC 9113 §6.8 (highest stream id and a PING, then the last stream seen).
+//! When the upstream closes the connection, calls in flight on it are
+//! answered `Unavailable` naming the socket on the client's connection,
+//! which stays open. New calls on it go the way pulls go, through
+//! [`Proxy::handle`] and the shared connection: `Unavailable` while the
+//! upstream is down, served as soon as it is back. Once the upstream
+//! answers an `ImageFsInfo` again, the client is asked to reconnect (so
+//! that its calls take the relay again) with the two-step GOAWAY of RFC
+//! 9113 §6.8 (highest stream id and a PING, then the last stream seen).
 //! SIGTERM drains the same way. The upstream's own final GOAWAY reaches the
 //! client with its last stream id raised to cover the pulls still in
 //! flight (the upstream never saw them), and the upstream's streams in
@@ -834,7 +837,8 @@ struct Relay {
     /// The first GOAWAY (highest stream id) and its PING went out; the final
     /// one follows the PING's ACK, or this deadline.
     announced: Option<Instant>,
-    /// Once the upstream is gone: what calls on this connection are told.
+    /// Once the upstream is gone: what the calls in flight were told. New
+    /// calls are diverted from then on.
     gone: Option<tonic::Status>,
     /// Once the upstream is gone: the wait for it to answer again.
     recovery: Option<Recovery>,
@@ -1194,20 +1198,14 @@ impl Relay {
                 self.inject_control(rst_stream(stream, REFUSED_STREAM));
                 return Ok(());
             }
-            if path == PULL_IMAGE_PATH.as_bytes() {
-                // Pulls go on the shared connection, which redials. Literals
-                // decode without the connection's table.
+            if path == PULL_IMAGE_PATH.as_bytes() || self.gone.is_some() {
+                // Pulls go on the shared connection, which redials. So does
+                // every call once this connection's upstream is gone: it is
+                // answered Unavailable while containerd is down and served
+                // as soon as it is back, before the client reconnects.
+                // Literals decode without the connection's table.
                 let fields = decode(&mut Decoder::new(), Side::Client, &literal[1..])?;
                 self.divert(stream, fields, end_stream);
-                return Ok(());
-            }
-            if let Some(status) = &self.gone {
-                let mut out = BytesMut::new();
-                header_frames(&mut out, stream, true, &status_block(status, false));
-                let code = code_label(Some(&(status.code() as i32).to_string()));
-                self.inject_control(out.freeze());
-                let method = method_label(&String::from_utf8_lossy(path));
-                self.observe(method, code, std::time::Duration::ZERO);
                 // A call is a good moment to look again.
                 if let Some(recovery) = &self.recovery {
                     recovery.nudge.notify_one();
@@ -1270,8 +1268,7 @@ impl Relay {
             let resp = match req {
                 Some(req) => proxy.handle(req).await,
                 None => {
-                    tonic::Status::internal("ecr-pull-proxy: PullImage request headers unusable")
-                        .into_http()
+                    tonic::Status::internal("ecr-pull-proxy: request headers unusable").into_http()
                 }
             };
             let (parts, mut body) = resp.into_parts();

@@ -251,8 +251,9 @@ async fn containerd_restart_needs_no_proxy_restart() {
     );
 
     s.containerd.restart();
-    // The proxy notices within a second (sooner when calls prompt it) and
-    // asks the client to reconnect; calls meanwhile answer Unavailable.
+    // Calls work again as soon as containerd answers (through the proxy's
+    // own connection until the client reconnects); restart() returns once
+    // it does, so this loop rarely turns.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         match c.image_fs_info(cri::ImageFsInfoRequest {}).await {

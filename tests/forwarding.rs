@@ -817,8 +817,9 @@ async fn a_connection_made_while_upstream_was_down_is_asked_to_reconnect_once_it
 }
 
 /// containerd restarting under a relayed connection: the caller's calls
-/// get Unavailable until containerd is back, then the connection is asked
-/// to reconnect and the same channel works again.
+/// get Unavailable until containerd is back and work again at once (on the
+/// proxy's own connection); then the caller is asked to reconnect, and the
+/// same channel goes on working.
 #[tokio::test]
 async fn a_relayed_connection_whose_upstream_restarted_is_asked_to_reconnect() {
     let dir = support::short_tempdir();
@@ -868,6 +869,9 @@ async fn a_relayed_connection_whose_upstream_restarted_is_asked_to_reconnect() {
     assert!(!proxy.logs().contains("upstream answers again"));
 
     up.send(true).unwrap();
+    raw::image_fs_info(channel.clone())
+        .await
+        .expect("served as soon as the upstream is back");
     support::eventually(
         Duration::from_secs(10),
         "the relay to ask the client to reconnect",
