@@ -13,6 +13,7 @@ use support::raw;
 use support::scripted::{frame, ScriptedUpstream, ERROR_DETAILS, ERROR_MESSAGE};
 use support::{ProxyOptions, ProxyProcess};
 use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 use ecr_pull_proxy::cri;
@@ -104,6 +105,20 @@ where
             });
         }
     });
+}
+
+/// Answers a call on a hand-driven upstream: OK, with an empty message.
+fn answer_ok(mut respond: h2::server::SendResponse<Bytes>) {
+    let head = http::Response::builder()
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let mut tx = respond.send_response(head, false).unwrap();
+    tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
+        .unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    tx.send_trailers(trailers).unwrap();
 }
 
 fn without_date(mut h: http::HeaderMap) -> http::HeaderMap {
@@ -537,16 +552,7 @@ async fn an_upstream_stream_reset_fails_that_call_only() {
                 respond.send_reset(h2::Reason::REFUSED_STREAM);
                 continue;
             }
-            let head = http::Response::builder()
-                .header("content-type", "application/grpc")
-                .body(())
-                .unwrap();
-            let mut tx = respond.send_response(head, false).unwrap();
-            tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
-                .unwrap();
-            let mut trailers = http::HeaderMap::new();
-            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-            tx.send_trailers(trailers).unwrap();
+            answer_ok(respond);
         }
     });
     let metrics = dir.path().join("m.sock");
@@ -787,6 +793,25 @@ async fn upstream_closing_mid_call_is_unavailable_naming_the_socket() {
     );
 }
 
+/// The proxy asks the client to reconnect once the upstream answers again,
+/// and `channel` goes on working, on its new connection, with no
+/// connection closed on the client.
+async fn asked_to_reconnect_then_works(proxy: &ProxyProcess, channel: Channel) {
+    support::eventually(
+        Duration::from_secs(10),
+        "the proxy to ask the client to reconnect",
+        || {
+            proxy
+                .logs()
+                .contains("upstream answers again; asking a client served without it to reconnect")
+        },
+    )
+    .await;
+    raw::image_fs_info(channel.clone()).await.unwrap();
+    raw::image_fs_info(channel).await.unwrap();
+    assert!(!proxy.logs().contains("closed a client connection"));
+}
+
 /// kubelet keeps its connection for days: one made while containerd was
 /// down must not stay on the slower path once containerd is back.
 #[tokio::test]
@@ -800,20 +825,7 @@ async fn a_connection_made_while_upstream_was_down_is_asked_to_reconnect_once_it
     assert!(!proxy.logs().contains("asking a client served without it"));
 
     let _upstream = ScriptedUpstream::start(&up).await;
-    support::eventually(
-        Duration::from_secs(10),
-        "the proxy to ask the client to reconnect",
-        || {
-            proxy
-                .logs()
-                .contains("upstream answers again; asking a client served without it to reconnect")
-        },
-    )
-    .await;
-    // The same channel goes on working, on its new connection.
-    raw::image_fs_info(channel.clone()).await.unwrap();
-    raw::image_fs_info(channel).await.unwrap();
-    assert!(!proxy.logs().contains("closed a client connection"));
+    asked_to_reconnect_then_works(&proxy, channel).await;
 }
 
 /// containerd restarting under a relayed connection: the caller's calls
@@ -837,17 +849,8 @@ async fn a_relayed_connection_whose_upstream_restarted_is_asked_to_reconnect() {
             loop {
                 tokio::select! {
                     next = conn.accept() => {
-                        let Some(Ok((_req, mut respond))) = next else { return };
-                        let head = http::Response::builder()
-                            .header("content-type", "application/grpc")
-                            .body(())
-                            .unwrap();
-                        let mut tx = respond.send_response(head, false).unwrap();
-                        tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
-                            .unwrap();
-                        let mut trailers = http::HeaderMap::new();
-                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                        tx.send_trailers(trailers).unwrap();
+                        let Some(Ok((_req, respond))) = next else { return };
+                        answer_ok(respond);
                     }
                     _ = up.changed() => return,
                 }
@@ -872,19 +875,7 @@ async fn a_relayed_connection_whose_upstream_restarted_is_asked_to_reconnect() {
     raw::image_fs_info(channel.clone())
         .await
         .expect("served as soon as the upstream is back");
-    support::eventually(
-        Duration::from_secs(10),
-        "the relay to ask the client to reconnect",
-        || {
-            proxy
-                .logs()
-                .contains("upstream answers again; asking a client served without it to reconnect")
-        },
-    )
-    .await;
-    raw::image_fs_info(channel.clone()).await.unwrap();
-    raw::image_fs_info(channel).await.unwrap();
-    assert!(!proxy.logs().contains("closed a client connection"));
+    asked_to_reconnect_then_works(&proxy, channel).await;
 }
 
 /// containerd stopping gracefully (`systemctl restart containerd`) while a
@@ -908,7 +899,7 @@ async fn a_pull_in_flight_survives_the_upstream_going_away_gracefully() {
             loop {
                 tokio::select! {
                     next = conn.accept() => {
-                        let Some(Ok((req, mut respond))) = next else { return };
+                        let Some(Ok((req, respond))) = next else { return };
                         let pull = req.uri().path().ends_with("/PullImage");
                         let goaway = req.uri().path().ends_with("/ImageStatus");
                         let (status_seen, pull_seen, shut) =
@@ -921,16 +912,7 @@ async fn a_pull_in_flight_survives_the_upstream_going_away_gracefully() {
                                 status_seen.notify_one();
                                 pull_seen.notified().await;
                             }
-                            let head = http::Response::builder()
-                                .header("content-type", "application/grpc")
-                                .body(())
-                                .unwrap();
-                            let mut tx = respond.send_response(head, false).unwrap();
-                            tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
-                                .unwrap();
-                            let mut trailers = http::HeaderMap::new();
-                            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                            tx.send_trailers(trailers).unwrap();
+                            answer_ok(respond);
                             if goaway {
                                 let _ = shut.send(()).await;
                             }
@@ -976,18 +958,6 @@ async fn a_call_the_upstream_never_read_is_refused_and_the_pull_goes_on() {
     let status_arrived = Arc::new(tokio::sync::Notify::new());
     let pull_arrived = Arc::new(tokio::sync::Notify::new());
     let (status_seen, pull_seen) = (status_arrived.clone(), pull_arrived.clone());
-    let ok = |mut respond: h2::server::SendResponse<Bytes>| {
-        let head = http::Response::builder()
-            .header("content-type", "application/grpc")
-            .body(())
-            .unwrap();
-        let mut tx = respond.send_response(head, false).unwrap();
-        tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false)
-            .unwrap();
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        tx.send_trailers(trailers).unwrap();
-    };
     // The relayed connection: the first ImageStatus is read, and then
     // nothing more until the pull arrives on the proxy's own connection;
     // then that ImageStatus is answered and the connection ended at once
@@ -1002,14 +972,14 @@ async fn a_call_the_upstream_never_read_is_refused_and_the_pull_goes_on() {
                 pull_seen.notify_one();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    ok(respond);
+                    answer_ok(respond);
                 });
                 while let Some(Ok(_)) = conn.accept().await {}
                 return;
             }
             status_seen.notify_one();
             pull_seen.notified().await;
-            ok(respond);
+            answer_ok(respond);
             conn.abrupt_shutdown(h2::Reason::NO_ERROR);
             while let Some(Ok(_)) = conn.accept().await {}
         }
