@@ -140,6 +140,32 @@ fn a_grpc_c_core_caller_gets_what_it_gets_direct_and_its_pulls_get_a_token() {
     gets_what_it_gets_direct_and_its_pulls_get_a_token(&[python, C_CORE_CLIENT.into()]);
 }
 
+/// Lets a caller in watch mode run for `after` more, stops it, and returns
+/// its calls as (unix milliseconds, code), and its output.
+fn stop_watching(
+    mut watch: std::process::Child,
+    after: std::time::Duration,
+) -> (Vec<(u64, String)>, String) {
+    std::thread::sleep(after);
+    drop(watch.stdin.take());
+    let out = watch.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = stdout
+        .lines()
+        .map(|l| {
+            let mut f = l.split(' ');
+            let at = f.next().unwrap_or_default().parse().unwrap_or(0);
+            (at, f.next().unwrap_or_default().to_owned())
+        })
+        .collect();
+    (calls, stdout)
+}
+
 /// containerd killed and started again under a grpc-go caller that keeps
 /// calling on one connection, as kubelet does: its calls answer OK, then
 /// only UNAVAILABLE while containerd is away, then OK again for good, on
@@ -151,7 +177,7 @@ fn a_grpc_go_caller_rides_out_a_containerd_restart() {
     let caller = go_client();
     let mut s = Stack::start(&[ECR_HOST]);
     let proxy = s.proxy("p", "");
-    let mut watch = Command::new(&caller)
+    let watch = Command::new(&caller)
         .arg(&proxy.socket)
         .arg("-")
         .arg("watch:120")
@@ -169,25 +195,9 @@ fn a_grpc_go_caller_rides_out_a_containerd_restart() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    std::thread::sleep(Duration::from_secs(6));
-    drop(watch.stdin.take());
-    let out = watch.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let calls: Vec<(u64, &str)> = stdout
-        .lines()
-        .map(|l| {
-            let mut f = l.split(' ');
-            let at = f.next().unwrap_or_default().parse().unwrap_or(0);
-            (at, f.next().unwrap_or_default())
-        })
-        .collect();
+    let (calls, stdout) = stop_watching(watch, Duration::from_secs(6));
     // OK+ UNAVAILABLE+ OK+, and nothing else.
-    let mut phases: Vec<&str> = calls.iter().map(|(_, code)| *code).collect();
+    let mut phases: Vec<&str> = calls.iter().map(|(_, code)| code.as_str()).collect();
     phases.dedup();
     assert_eq!(phases, ["OK", "UNAVAILABLE", "OK"], "{stdout}");
     let socket = s.containerd.socket.to_str().unwrap();
@@ -196,8 +206,8 @@ fn a_grpc_go_caller_rides_out_a_containerd_restart() {
     }
     let first_ok_again = calls
         .iter()
-        .skip_while(|(_, code)| *code == "OK")
-        .find(|(_, code)| *code == "OK")
+        .skip_while(|(_, code)| code == "OK")
+        .find(|(_, code)| code == "OK")
         .map(|(at, _)| *at)
         .unwrap();
     assert!(
@@ -212,4 +222,68 @@ fn a_grpc_go_caller_rides_out_a_containerd_restart() {
         "{logs}"
     );
     assert_no_secrets(&logs);
+}
+
+/// The proxy restarted under a grpc-go caller (a package upgrade:
+/// SIGTERM, then a new process on the same socket): calls answer OK, then
+/// at most UNAVAILABLE while no proxy listens (never a hang or another
+/// code), then OK again within a few seconds of the new proxy listening.
+#[test]
+fn a_grpc_go_caller_rides_out_a_proxy_restart() {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let caller = go_client();
+    let s = Stack::start(&[ECR_HOST]);
+    let mut old = s.proxy("old", "");
+    let socket = old.socket.clone();
+    let watch = Command::new(&caller)
+        .arg(&socket)
+        .arg("-")
+        .arg("watch:120")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    old.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        old.wait(Duration::from_secs(30)).success(),
+        "{}",
+        old.logs()
+    );
+    let new_dir = s.dir.path().join("new");
+    std::fs::create_dir_all(&new_dir).unwrap();
+    let new = support::ProxyProcess::start(
+        &new_dir,
+        &s.containerd.socket,
+        support::ProxyOptions {
+            env: s.moto.env(),
+            listen: Some(socket),
+            ..Default::default()
+        },
+    );
+    let listening = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (calls, stdout) = stop_watching(watch, Duration::from_secs(6));
+    let mut phases: Vec<&str> = calls.iter().map(|(_, code)| code.as_str()).collect();
+    phases.dedup();
+    assert!(
+        phases == ["OK"] || phases == ["OK", "UNAVAILABLE", "OK"],
+        "{stdout}"
+    );
+    let last_failure = calls
+        .iter()
+        .rposition(|(_, code)| code != "OK")
+        .map_or(0, |i| calls[i].0);
+    assert!(
+        last_failure <= listening + 5000,
+        "calls failed until {} ms after the new proxy listened: {stdout}",
+        last_failure.saturating_sub(listening)
+    );
+    for logs in [old.logs(), new.logs()] {
+        assert!(!logs.contains("closed a client connection"), "{logs}");
+        assert_no_secrets(&logs);
+    }
 }
