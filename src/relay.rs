@@ -1578,9 +1578,11 @@ impl Relay {
             call.status = Some(Cow::Owned(code.clone()));
             self.finish(call, "upstream-error");
         }
-        // The client keeps this connection, and its calls get a clear answer
-        // until the upstream is back; then it is asked to reconnect. (A
-        // GOAWAY now would fail the calls racing it in some clients.)
+        // The client keeps this connection, and its new calls take the
+        // shared connection (Unavailable until the upstream is back, served
+        // from then on); once the upstream answers again the client is asked
+        // to reconnect. (A GOAWAY now would fail the calls racing it in some
+        // clients.)
         if self.recovery.is_none() {
             self.recovery = Some(Recovery::new(self.proxy.clone()));
         }
