@@ -20,8 +20,15 @@ const GO_CLIENT_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/suppo
 /// Where Debian's golang-*-dev packages put their sources (GOPATH mode).
 const DEBIAN_GOPATH: &str = "/usr/share/gocode";
 
-/// Builds the grpc-go caller (a few seconds; Go caches the rest).
+/// The grpc-go caller, built once per run of this file (the tests run in
+/// parallel; one build serves them all).
 fn go_client() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_go_client).clone()
+}
+
+/// Builds the grpc-go caller (a few seconds; Go caches the rest).
+fn build_go_client() -> PathBuf {
     let go = support::require("go", "golang-go and golang-google-grpc-dev (Debian)");
     assert!(
         Path::new(DEBIAN_GOPATH)
