@@ -284,11 +284,7 @@ registry = "210987654321.dkr.ecr.eu-west-1.amazonaws.com"
 role_arn = "arn:aws:iam::210987654321:role/pull"
 external_id = "ext-1"
 "#;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::real::free_port();
     let metrics = format!("127.0.0.1:{port}");
     let proxy = s.proxy("p", &format!("metrics_listen = \"{metrics}\"\n{config}"));
     pull(proxy.channel(), &format!("{mirror}/team/app:v1"), None)
@@ -443,11 +439,7 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
 async fn metrics_and_health_follow_pulls_and_containerd() {
     let mut s = Stack::start(&[ECR_HOST]);
     s.registry.push_image("app", &["v1"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::real::free_port();
     let addr = format!("127.0.0.1:{port}");
     let proxy = s.proxy("p", &format!("metrics_listen = \"{addr}\""));
     let image = format!("{ECR_HOST}/app:v1");

@@ -22,7 +22,8 @@ pub const MOTO_TOKEN_B64: &str = "QVdTOjEyMzQ1Njc4OTAxMi1hdXRoLXRva2Vu";
 /// The node's AWS secret access key (moto accepts any).
 pub const NODE_SECRET_KEY: &str = "node-secret-key-9c41e0";
 
-fn free_port() -> u16 {
+/// A loopback TCP port nothing listens on (as of now).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
