@@ -147,6 +147,35 @@ fn a_grpc_c_core_caller_gets_what_it_gets_direct_and_its_pulls_get_a_token() {
     gets_what_it_gets_direct_and_its_pulls_get_a_token(&[python, C_CORE_CLIENT.into()]);
 }
 
+/// Starts the grpc-go caller in watch mode on `socket`: it calls until
+/// [`stop_watching`] closes its standard input (two minutes at most).
+fn start_watching(caller: &Path, socket: &Path) -> std::process::Child {
+    Command::new(caller)
+        .arg(socket)
+        .arg("-")
+        .arg("watch:120")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Now, on the clock the caller stamps its calls with.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The codes of `calls`, each run of one code counted once.
+fn phases(calls: &[(u64, String)]) -> Vec<&str> {
+    let mut phases: Vec<&str> = calls.iter().map(|(_, code)| code.as_str()).collect();
+    phases.dedup();
+    phases
+}
+
 /// Lets a caller in watch mode run for `after` more, stops it, and returns
 /// its calls as (unix milliseconds, code), and its output.
 fn stop_watching(
@@ -180,32 +209,20 @@ fn stop_watching(
 /// back.
 #[test]
 fn a_grpc_go_caller_rides_out_a_containerd_restart() {
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::Duration;
     let caller = go_client();
     let mut s = Stack::start(&[ECR_HOST]);
     let proxy = s.proxy("p", "");
-    let watch = Command::new(&caller)
-        .arg(&proxy.socket)
-        .arg("-")
-        .arg("watch:120")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let watch = start_watching(&caller, &proxy.socket);
     std::thread::sleep(Duration::from_millis(1500));
     s.containerd.kill();
     std::thread::sleep(Duration::from_secs(2));
     // Returns once containerd's CRI service answers.
     s.containerd.restart();
-    let back = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let back = unix_ms();
     let (calls, stdout) = stop_watching(watch, Duration::from_secs(6));
     // OK+ UNAVAILABLE+ OK+, and nothing else.
-    let mut phases: Vec<&str> = calls.iter().map(|(_, code)| code.as_str()).collect();
-    phases.dedup();
+    let phases = phases(&calls);
     assert_eq!(phases, ["OK", "UNAVAILABLE", "OK"], "{stdout}");
     let socket = s.containerd.socket.to_str().unwrap();
     for line in stdout.lines().filter(|l| l.contains(" UNAVAILABLE ")) {
@@ -237,20 +254,12 @@ fn a_grpc_go_caller_rides_out_a_containerd_restart() {
 /// code), then OK again within a few seconds of the new proxy listening.
 #[test]
 fn a_grpc_go_caller_rides_out_a_proxy_restart() {
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::Duration;
     let caller = go_client();
     let s = Stack::start(&[ECR_HOST]);
     let mut old = s.proxy("old", "");
     let socket = old.socket.clone();
-    let watch = Command::new(&caller)
-        .arg(&socket)
-        .arg("-")
-        .arg("watch:120")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let watch = start_watching(&caller, &socket);
     std::thread::sleep(Duration::from_millis(1500));
     old.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(
@@ -269,13 +278,9 @@ fn a_grpc_go_caller_rides_out_a_proxy_restart() {
             ..Default::default()
         },
     );
-    let listening = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let listening = unix_ms();
     let (calls, stdout) = stop_watching(watch, Duration::from_secs(6));
-    let mut phases: Vec<&str> = calls.iter().map(|(_, code)| code.as_str()).collect();
-    phases.dedup();
+    let phases = phases(&calls);
     assert!(
         phases == ["OK"] || phases == ["OK", "UNAVAILABLE", "OK"],
         "{stdout}"
