@@ -84,19 +84,19 @@ pub struct Cli {
     #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// Unix socket to listen on, as a path or unix://PATH
-    #[arg(long, value_name = "PATH", global = true)]
+    #[arg(long, value_name = "PATH")]
     pub listen: Option<String>,
     /// containerd CRI socket to forward to, as a path or unix://PATH
     #[arg(long, value_name = "PATH", global = true)]
     pub upstream: Option<String>,
     /// Log level
-    #[arg(long, value_name = "LEVEL", global = true)]
+    #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<LogLevel>,
     /// Log format
-    #[arg(long, value_name = "FORMAT", global = true)]
+    #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
     /// Serve /metrics, /healthz and /readyz on a TCP address or unix:PATH
-    #[arg(long, value_name = "ADDR", global = true)]
+    #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 }
 
@@ -502,8 +502,34 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
 fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
-        message: e.to_string().trim_end().replace('\n', " "),
+        message: toml_message(text, &e),
     })
+}
+
+/// `line L, column C: message` for a TOML error: one line, pointing where
+/// the problem is (toml's own rendering spans several lines of markers).
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            // Name the key written on that line, as every other config
+            // error does.
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty() && !k.starts_with('['));
+            match key {
+                Some(key) => format!("line {line}, column {column}: {key}: {message}"),
+                None => format!("line {line}, column {column}: {message}"),
+            }
+        }
+        None => message,
+    }
 }
 
 /// Accepts `PATH` or `unix://PATH`.

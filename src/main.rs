@@ -12,12 +12,15 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse_args(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) => {
-            let _ = e.print();
             return match e.kind() {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    let _ = e.print();
                     ExitCode::SUCCESS
                 }
-                _ => ExitCode::from(EXIT_USAGE),
+                _ => {
+                    eprintln!("ecr-pull-proxy: {}", one_line(&e));
+                    ExitCode::from(EXIT_USAGE)
+                }
             };
         }
     };
@@ -26,7 +29,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!(
                 "ecr-pull-proxy: configuration error: {}",
-                ecr_pull_proxy::proxy::error_chain(&e)
+                ecr_pull_proxy::error_chain(&e)
             );
             return ExitCode::from(EXIT_USAGE);
         }
@@ -54,10 +57,27 @@ fn main() -> ExitCode {
     match runtime.block_on(ecr_pull_proxy::run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %ecr_pull_proxy::proxy::error_chain(&e), "ecr-pull-proxy stopped");
+            tracing::error!(error = %ecr_pull_proxy::error_chain(&e), "ecr-pull-proxy stopped");
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's error on one line, as every other error is printed: its text
+/// without the `error:` prefix and the usage block, plus where to look.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let mut parts = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join(" ");
+    parts.push_str("; see --help");
+    parts
 }
 
 /// `ecr-pull-proxy check`: prints the report; exit 0 when nothing is wrong,
@@ -73,7 +93,7 @@ fn check(config: &Config, image: Option<&str>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = runtime.block_on(ecr_pull_proxy::check::run(config, image));
+    let report = runtime.block_on(ecr_pull_proxy::ops::check::run(config, image));
     print!("{}", report.render());
     if report.problems.is_empty() {
         ExitCode::SUCCESS

@@ -14,8 +14,8 @@ use base64::Engine;
 use futures_util::future::BoxFuture;
 
 use super::{CredentialSource, EcrService, ErrorKind, SourceError, Token, TokenKey};
-use crate::metrics::Metrics;
-use crate::pull::Credentials;
+use crate::ecr::Credentials;
+use crate::ops::metrics::Metrics;
 
 /// Pinned so that an SDK upgrade cannot change retry or timeout defaults
 /// behind our back.
@@ -341,12 +341,12 @@ fn classify<E>(err: &SdkError<E, aws_smithy_runtime_api::http::Response>) -> Sou
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    let message = crate::error_chain(err);
+    let message = crate::error::error_chain(err);
     // A credential chain that found nothing, or an AssumeRole that failed,
     // surfaces as a CredentialsError somewhere in the chain.
     if let Some(cred) = find_source::<aws_credential_types::provider::error::CredentialsError>(err)
     {
-        let text = crate::error_chain(cred);
+        let text = crate::error::error_chain(cred);
         let (kind, code) = if ACCESS_DENIED_CODES.iter().any(|c| text.contains(c)) {
             (ErrorKind::AccessDenied, Some("AccessDenied".to_owned()))
         } else if matches!(

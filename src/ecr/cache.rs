@@ -24,8 +24,8 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::{CredentialSource, EcrService, SourceError, Token, TokenKey};
-use crate::metrics::{Metrics, TokenLabels};
-use crate::pull::Credentials;
+use crate::ecr::Credentials;
+use crate::ops::metrics::{Metrics, TokenLabels};
 
 /// A token is not used closer than this to its `expiresAt`.
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);

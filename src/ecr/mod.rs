@@ -14,7 +14,25 @@ pub use cache::{CacheOutcome, TokenCache};
 pub use host::{EcrHost, EndpointVariant};
 
 use crate::config::Role;
-use crate::pull::Credentials;
+
+/// Registry credentials to put into a request. `Debug` never shows the
+/// password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The registry user name (`AWS` for ECR).
+    pub username: String,
+    /// The registry password (the ECR token's second half).
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
 
 /// The ECR Public registry host.
 pub const ECR_PUBLIC_HOST: &str = "public.ecr.aws";

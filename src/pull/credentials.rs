@@ -7,9 +7,9 @@
 use std::fmt;
 
 use crate::config::{CredentialsConfig, ExistingCredentials};
+use crate::ecr::Credentials;
 use crate::ecr::{CacheOutcome, EcrHost, SourceError, TokenCache, TokenKey, ECR_PUBLIC_HOST};
 use crate::image_ref::ImageRef;
-use crate::pull::Credentials;
 
 /// Where an image's credentials come from.
 #[derive(Clone, PartialEq, Eq)]

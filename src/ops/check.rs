@@ -11,11 +11,11 @@ use std::time::{Duration, SystemTime};
 use aws_credential_types::provider::ProvideCredentials;
 
 use crate::config::Config;
-use crate::credentials::Resolver;
 use crate::ecr::aws::{load_sdk_config, AwsSource};
 use crate::ecr::CredentialSource;
-use crate::metrics::Metrics;
-use crate::proxy::Upstream;
+use crate::ops::metrics::Metrics;
+use crate::pull::credentials::Resolver;
+use crate::transport::Upstream;
 
 /// What `check` found: lines to print, and problems (one line each).
 #[derive(Debug, Default)]
@@ -113,7 +113,7 @@ pub async fn run(config: &Config, image: Option<&str>) -> Report {
             );
             r.problems.push(format!(
                 "{}; is containerd running, and is `upstream` its CRI socket?",
-                crate::error_chain(&e)
+                crate::error::error_chain(&e)
             ));
         }
     }
@@ -139,8 +139,10 @@ async fn identity(r: &mut Report, config: &Config) {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             r.line("AWS identity", "none");
-            r.problems
-                .push(format!("AWS credential chain: {}", crate::error_chain(&e)));
+            r.problems.push(format!(
+                "AWS credential chain: {}",
+                crate::error::error_chain(&e)
+            ));
             return;
         }
         Err(_) => {
@@ -172,8 +174,10 @@ async fn identity(r: &mut Report, config: &Config) {
                 "AWS identity",
                 format!("credentials from {source}, but STS does not accept them"),
             );
-            r.problems
-                .push(format!("STS GetCallerIdentity: {}", crate::error_chain(&e)));
+            r.problems.push(format!(
+                "STS GetCallerIdentity: {}",
+                crate::error::error_chain(&e)
+            ));
         }
         Err(_) => {
             r.line("AWS identity", format!("credentials from {source}"));
@@ -219,7 +223,7 @@ async fn image_check(r: &mut Report, config: &Config, image: &str) {
     );
     let source = AwsSource::new(
         config.credentials.aws_timeout,
-        std::sync::Arc::new(crate::metrics::Metrics::new()),
+        std::sync::Arc::new(crate::ops::metrics::Metrics::new()),
     );
     match source.fetch(&target.key).await {
         Ok(token) => {

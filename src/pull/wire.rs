@@ -68,24 +68,7 @@ impl fmt::Debug for PullRequestInfo {
     }
 }
 
-/// Registry credentials to put into a request. `Debug` never shows the
-/// password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    /// The registry user name (`AWS` for ECR).
-    pub username: String,
-    /// The registry password (the ECR token's second half).
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
+pub use crate::ecr::Credentials;
 
 /// Splits a gRPC request body into its single message.
 pub fn unframe(body: &[u8]) -> Result<&[u8], WireError> {

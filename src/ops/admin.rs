@@ -13,8 +13,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 use crate::config::MetricsListen;
-use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::ops::metrics::Metrics;
+use crate::transport::Proxy;
 
 /// Mode of a Unix metrics socket.
 pub const METRICS_SOCKET_MODE: u32 = 0o660;
@@ -44,7 +44,7 @@ pub enum AdminError {
     },
     /// The Unix socket could not be set up (same rules as the CRI socket).
     #[error("cannot listen for metrics")]
-    Unix(#[source] crate::server::ServerError),
+    Unix(#[source] crate::transport::socket::SocketError),
 }
 
 /// Binds `addr`.
@@ -59,7 +59,7 @@ pub async fn bind(addr: &MetricsListen) -> Result<AdminListener, AdminError> {
             }),
         // The same care as the CRI socket: stale sockets replaced, live ones
         // and other files left alone, created with its final mode.
-        MetricsListen::Unix(p) => crate::server::bind(p, METRICS_SOCKET_MODE, None)
+        MetricsListen::Unix(p) => crate::transport::socket::bind(p, METRICS_SOCKET_MODE, None)
             .map(|l| AdminListener::Unix(l.into_listener()))
             .map_err(AdminError::Unix),
     }
@@ -126,7 +126,7 @@ async fn route(req: Request<Incoming>, proxy: &Proxy, metrics: &Metrics) -> Resp
             Err(e) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 PLAIN,
-                format!("not ready: {}\n", crate::error_chain(&e)),
+                format!("not ready: {}\n", crate::error::error_chain(&e)),
             ),
         },
         _ => text(

@@ -10,9 +10,9 @@
 use tokio::signal::unix::Signal;
 
 use crate::config::{Cli, Config};
-use crate::credentials::Resolver;
 use crate::ecr::TokenCache;
-use crate::proxy::Proxy;
+use crate::pull::credentials::Resolver;
+use crate::transport::Proxy;
 
 /// Reloads on every SIGHUP until the process ends.
 pub async fn on_hangup(
@@ -42,7 +42,7 @@ pub async fn on_hangup(
                 current = new;
             }
             Err(e) => tracing::error!(
-                error = %crate::error_chain(&e),
+                error = %crate::error::error_chain(&e),
                 "configuration not reloaded; the running one stays"
             ),
         }

@@ -1,0 +1,154 @@
+//! hyper's HTTP/2 server on the listening socket: the accept loop, the
+//! limits that keep one careless or hostile local client from hurting the
+//! others, and the drain on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use super::socket::Listening;
+use super::{Proxy, CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::error::error_chain;
+
+/// Most concurrent calls per client connection. kubelet makes a handful at
+/// a time on one connection; a caller that opens more waits for a free
+/// slot (gRPC clients honour the limit), and h2 refuses streams beyond it.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Largest request header block accepted from a caller. CRI callers send a
+/// few hundred bytes; h2 closes a connection whose header block (or flood
+/// of CONTINUATION frames) grows past this.
+pub const MAX_REQUEST_HEADER_LIST_SIZE: u32 = 256 * 1024;
+/// Streams a caller may reset before the server has accepted them, before
+/// h2 closes the connection with `ENHANCE_YOUR_CALM` (the "rapid reset"
+/// defence).
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server may reset for a caller's protocol errors before h2
+/// closes the connection with `ENHANCE_YOUR_CALM`.
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// Answer bytes buffered per stream for a caller that reads slowly; beyond
+/// it the upstream's answer waits (flow control), nothing grows.
+pub const MAX_SEND_BUFFER_PER_STREAM: usize = 400 * 1024;
+/// How long accepting pauses after an accept error (EMFILE and friends).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The HTTP/2 server settings every client connection gets.
+fn builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_REQUEST_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESET_STREAMS)
+        .max_send_buf_size(MAX_SEND_BUFFER_PER_STREAM)
+        // Byte for byte: containerd's answers reach the caller without a
+        // `date` header of ours.
+        .auto_date_header(false);
+    builder
+}
+
+/// Accepts connections and serves each call with `proxy` until `shutdown`
+/// resolves; then stops accepting, removes the socket, asks every client to
+/// finish (GOAWAY) and lets in-flight calls run for at most `grace`.
+pub async fn serve(
+    listening: Listening,
+    proxy: Proxy,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let builder = builder();
+    let (drain, draining) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listening.listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(
+                        stream,
+                        proxy.clone(),
+                        builder.clone(),
+                        draining.clone(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(error = &e as &dyn std::error::Error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    listening.remove();
+    drop(listening);
+    drop(draining);
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "stopped accepting; draining in-flight calls"
+    );
+    // Every connection task holds a receiver: all gone means all drained.
+    let _ = drain.send(true);
+    match tokio::time::timeout(grace, drain.closed()).await {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => tracing::warn!("grace period over; cutting the calls still in flight"),
+    }
+}
+
+/// Serves one client connection until the client leaves, or until
+/// `draining` turns true and its calls in flight have finished.
+async fn serve_connection(
+    stream: UnixStream,
+    proxy: Proxy,
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let svc = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = *draining.borrow_and_update();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            _ = draining.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    };
+    if let Err(e) = result {
+        if is_disconnect(&e) {
+            tracing::debug!(error = %error_chain(&e), "client went away");
+        } else {
+            tracing::warn!(error = %error_chain(&e), "closed a client connection");
+        }
+    }
+}
+
+/// A client that hangs up (a readiness probe that connects and leaves, a
+/// killed kubelet) is normal; only protocol errors are worth a warning.
+fn is_disconnect(err: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        cur = e.source();
+    }
+    false
+}
