@@ -140,17 +140,14 @@ fn a_grpc_go_caller_gets_what_it_gets_direct_and_its_pulls_get_a_token() {
 
 #[test]
 fn a_grpc_c_core_caller_gets_what_it_gets_direct_and_its_pulls_get_a_token() {
-    let python = support::require(
-        "python3",
-        "python3 (Debian) with grpcio (`.ci/install` adds it to target/test-tools/venv)",
-    );
-    gets_what_it_gets_direct_and_its_pulls_get_a_token(&[python, C_CORE_CLIENT.into()]);
+    gets_what_it_gets_direct_and_its_pulls_get_a_token(&[python(), C_CORE_CLIENT.into()]);
 }
 
-/// Starts the grpc-go caller in watch mode on `socket`: it calls until
+/// Starts `caller` in watch mode on `socket`: it calls until
 /// [`stop_watching`] closes its standard input (two minutes at most).
-fn start_watching(caller: &Path, socket: &Path) -> std::process::Child {
-    Command::new(caller)
+fn start_watching(caller: &[PathBuf], socket: &Path) -> std::process::Child {
+    Command::new(&caller[0])
+        .args(&caller[1..])
         .arg(socket)
         .arg("-")
         .arg("watch:120")
@@ -176,12 +173,17 @@ fn phases(calls: &[(u64, String)]) -> Vec<&str> {
     phases
 }
 
+/// What a caller in watch mode saw: its calls as (unix milliseconds,
+/// code), how many times its connection became ready, and its output.
+struct Watched {
+    calls: Vec<(u64, String)>,
+    ready: u32,
+    stdout: String,
+}
+
 /// Lets a caller in watch mode run for `after` more, stops it, and returns
-/// its calls as (unix milliseconds, code), and its output.
-fn stop_watching(
-    mut watch: std::process::Child,
-    after: std::time::Duration,
-) -> (Vec<(u64, String)>, String) {
+/// what it saw.
+fn stop_watching(mut watch: std::process::Child, after: std::time::Duration) -> Watched {
     std::thread::sleep(after);
     drop(watch.stdin.take());
     let out = watch.wait_with_output().unwrap();
@@ -191,46 +193,63 @@ fn stop_watching(
         "{}{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let ready = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# ready "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no `# ready` line: {stdout}"));
     let calls = stdout
         .lines()
+        .filter(|l| !l.starts_with('#'))
         .map(|l| {
             let mut f = l.split(' ');
             let at = f.next().unwrap_or_default().parse().unwrap_or(0);
             (at, f.next().unwrap_or_default().to_owned())
         })
         .collect();
-    (calls, stdout)
+    Watched {
+        calls,
+        ready,
+        stdout,
+    }
 }
 
-/// containerd killed and started again under a grpc-go caller that keeps
-/// calling on one connection, as kubelet does: its calls answer OK, then
-/// only UNAVAILABLE while containerd is away, then OK again for good, on
-/// the caller's own reconnect, within a few seconds of containerd being
-/// back.
-#[test]
-fn a_grpc_go_caller_rides_out_a_containerd_restart() {
+/// A caller that connects while containerd is not running (a node
+/// booting) and keeps calling on one connection, as kubelet does, while
+/// containerd starts, is killed and starts again: its calls answer
+/// UNAVAILABLE naming containerd's socket (never a stream reset or another
+/// code), then OK, then UNAVAILABLE, then OK again within a few seconds of
+/// containerd being back, and all of it on the one connection it opened
+/// first (the proxy never makes it reconnect because of containerd).
+fn rides_out_containerd_absent_then_restarted(caller: &[PathBuf]) {
     use std::time::Duration;
-    let caller = go_client();
     let mut s = Stack::start(&[ECR_HOST]);
+    s.containerd.kill();
     let proxy = s.proxy("p", "");
-    let watch = start_watching(&caller, &proxy.socket);
+    let watch = start_watching(caller, &proxy.socket);
+    std::thread::sleep(Duration::from_millis(1500));
+    s.containerd.restart();
     std::thread::sleep(Duration::from_millis(1500));
     s.containerd.kill();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(1500));
     // Returns once containerd's CRI service answers.
     s.containerd.restart();
     let back = unix_ms();
-    let (calls, stdout) = stop_watching(watch, Duration::from_secs(6));
-    // OK+ UNAVAILABLE+ OK+, and nothing else.
-    let phases = phases(&calls);
-    assert_eq!(phases, ["OK", "UNAVAILABLE", "OK"], "{stdout}");
+    let w = stop_watching(watch, Duration::from_secs(4));
+    let stdout = &w.stdout;
+    assert_eq!(
+        phases(&w.calls),
+        ["UNAVAILABLE", "OK", "UNAVAILABLE", "OK"],
+        "{stdout}"
+    );
     let socket = s.containerd.socket.to_str().unwrap();
     for line in stdout.lines().filter(|l| l.contains(" UNAVAILABLE ")) {
         assert!(line.contains(socket), "names containerd's socket: {line}");
     }
-    let first_ok_again = calls
+    let first_ok_again = w
+        .calls
         .iter()
-        .skip_while(|(_, code)| code == "OK")
+        .skip_while(|(at, _)| *at < back)
         .find(|(_, code)| code == "OK")
         .map(|(at, _)| *at)
         .unwrap();
@@ -239,13 +258,28 @@ fn a_grpc_go_caller_rides_out_a_containerd_restart() {
         "calls worked again {} ms after containerd was back: {stdout}",
         first_ok_again.saturating_sub(back)
     );
+    assert_eq!(w.ready, 1, "the caller had to reconnect: {stdout}");
     let logs = proxy.logs();
     assert!(!logs.contains("closed a client connection"), "{logs}");
-    assert!(
-        logs.contains("upstream answers again; asking a client served without it to reconnect"),
-        "{logs}"
-    );
+    assert!(logs.contains("upstream answers again"), "{logs}");
     assert_no_secrets(&logs);
+}
+
+#[test]
+fn a_grpc_go_caller_rides_out_containerd_absent_then_restarted() {
+    rides_out_containerd_absent_then_restarted(&[go_client()]);
+}
+
+#[test]
+fn a_grpc_c_core_caller_rides_out_containerd_absent_then_restarted() {
+    rides_out_containerd_absent_then_restarted(&[python(), C_CORE_CLIENT.into()]);
+}
+
+fn python() -> PathBuf {
+    support::require(
+        "python3",
+        "python3 (Debian) with grpcio (`.ci/install` adds it to target/test-tools/venv)",
+    )
 }
 
 /// The proxy restarted under a grpc-go caller (a package upgrade:
@@ -259,7 +293,7 @@ fn a_grpc_go_caller_rides_out_a_proxy_restart() {
     let s = Stack::start(&[ECR_HOST]);
     let mut old = s.proxy("old", "");
     let socket = old.socket.clone();
-    let watch = start_watching(&caller, &socket);
+    let watch = start_watching(&[caller], &socket);
     std::thread::sleep(Duration::from_millis(1500));
     old.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(
@@ -279,7 +313,7 @@ fn a_grpc_go_caller_rides_out_a_proxy_restart() {
         },
     );
     let listening = unix_ms();
-    let (calls, stdout) = stop_watching(watch, Duration::from_secs(6));
+    let Watched { calls, stdout, .. } = stop_watching(watch, Duration::from_secs(6));
     let phases = phases(&calls);
     assert!(
         phases == ["OK"] || phases == ["OK", "UNAVAILABLE", "OK"],
@@ -298,4 +332,94 @@ fn a_grpc_go_caller_rides_out_a_proxy_restart() {
         assert!(!logs.contains("closed a client connection"), "{logs}");
         assert_no_secrets(&logs);
     }
+}
+
+/// A pull cancelled mid-download by its caller (a pod deleted while its
+/// image pulls: kubelet cancels that one call, no deadline involved), on a
+/// connection that stays open: containerd stops the pull (the registry
+/// sees containerd close its connection), the caller's other calls on the
+/// same connection go on, and it never reconnects.
+fn a_cancelled_pull_stops_in_containerd(caller: &[PathBuf]) {
+    use std::time::{Duration, Instant};
+    use support::real::{Containerd, Moto, Registry, Relay, MOTO_PASSWORD};
+    let dir = support::short_tempdir();
+    let moto = Moto::start(dir.path());
+    let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
+    registry.push_image_sized("big", &["v1"], 1024 * 1024);
+    let relay = Relay::start(&registry.addr);
+    let containerd = Containerd::start(dir.path(), &[(ECR_HOST, relay.addr.as_str())]);
+    let proxy = support::ProxyProcess::start(
+        dir.path(),
+        &containerd.socket,
+        support::ProxyOptions {
+            env: moto.env(),
+            ..Default::default()
+        },
+    );
+    relay.stall(true);
+    let image = format!("{ECR_HOST}/big:v1");
+    // The caller cancels after 4 s; by then the layer download is frozen.
+    let child = Command::new(&caller[0])
+        .args(&caller[1..])
+        .arg(&proxy.socket)
+        .arg(&image)
+        .arg("cancel:4000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    support::wait_until(
+        Duration::from_secs(4),
+        "the layer download to stall",
+        || relay.stalled() > 0,
+    );
+    let closed_before = relay.closed();
+    let out = child.wait_with_output().unwrap();
+    let cancelled_at = Instant::now();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no `{name}` line: {stdout}"))
+            .to_owned()
+    };
+    assert_eq!(line("pull"), "CANCELLED", "{stdout}");
+    assert_eq!(line("during"), "OK", "a call beside the pull: {stdout}");
+    assert_eq!(line("after"), "OK", "a call after the cancel: {stdout}");
+    assert_eq!(
+        line("# ready"),
+        "1",
+        "the caller kept its connection: {stdout}"
+    );
+    // containerd gives up the download: its connection to the registry
+    // closes, though the registry is still frozen mid-layer.
+    support::wait_until(
+        Duration::from_secs(10),
+        "containerd to close its registry connection",
+        || relay.closed() > closed_before,
+    );
+    println!(
+        "{}: registry connection closed {:?} after the cancel",
+        caller[caller.len() - 1].display(),
+        cancelled_at.elapsed()
+    );
+    let logs = proxy.logs();
+    assert!(logs.contains("result=\"cancelled\""), "{logs}");
+    assert_no_secrets(&logs);
+}
+
+#[test]
+fn a_grpc_go_callers_cancelled_pull_stops_in_containerd() {
+    a_cancelled_pull_stops_in_containerd(&[go_client()]);
+}
+
+#[test]
+fn a_grpc_c_core_callers_cancelled_pull_stops_in_containerd() {
+    a_cancelled_pull_stops_in_containerd(&[python(), C_CORE_CLIENT.into()]);
 }

@@ -1,16 +1,28 @@
 """A CRI caller built on gRPC C-core (PyPI grpcio), for tests/interop.rs.
 
-Usage: grpc_client.py SOCKET IMAGE
+Usage: grpc_client.py SOCKET IMAGE [watch:SECONDS | cancel:MS]
 
 Calls SOCKET with raw protobuf bytes, so no generated code is needed, and
 prints one line per call: `name code sha256-of-answer-or-message`. Then
 makes 600 calls from 32 threads on one channel, mixed with 20 pulls, and
 prints how many did not end as expected.
+
+With cancel:MS it starts a pull of IMAGE with no deadline, cancels it after
+MS milliseconds while the channel stays open, and calls ImageFsInfo on the
+same channel before and after; prints `pull CODE`, `during CODE`,
+`after CODE` and `# ready N`.
+
+With watch:SECONDS it instead calls ImageFsInfo every 20 ms on one channel
+until its standard input closes (or SECONDS pass), and prints
+`unix-milliseconds code message` for each call, then `# ready N`: how many
+times the channel became ready (1 when it kept one connection throughout).
 """
 
 import concurrent.futures
 import hashlib
 import sys
+import threading
+import time
 
 import grpc
 
@@ -34,9 +46,73 @@ def call(channel, method, body):
         return e.code().name, e.details(), b""
 
 
+def watch(channel, seconds):
+    stop = threading.Event()
+
+    def wait_for_stdin():
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_for_stdin, daemon=True).start()
+    ready = []
+    channel.subscribe(
+        lambda state: ready.append(1) if state == grpc.ChannelConnectivity.READY else None,
+        try_to_connect=True,
+    )
+    rpc = channel.unary_unary(
+        "/runtime.v1.ImageService/ImageFsInfo",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            rpc(b"", timeout=5)
+            code, message = "OK", "-"
+        except grpc.RpcError as e:
+            code, message = e.code().name, (e.details() or "").replace(" ", "_")
+        print(int(time.time() * 1000), code, message, flush=True)
+        stop.wait(0.02)
+    print("# ready", len(ready), flush=True)
+
+
+def cancel_pull(channel, spec, wait):
+    ready = []
+    channel.subscribe(
+        lambda state: ready.append(1) if state == grpc.ChannelConnectivity.READY else None,
+        try_to_connect=True,
+    )
+    pull = channel.unary_unary(
+        "/runtime.v1.ImageService/PullImage",
+        request_serializer=None,
+        response_deserializer=None,
+    ).future(spec)
+    time.sleep(wait)
+    during = call(channel, "ImageFsInfo", b"")[0]
+    pull.cancel()
+    try:
+        pull.result()
+        code = "OK"
+    except grpc.FutureCancelledError:
+        code = "CANCELLED"
+    except grpc.RpcError as e:
+        code = e.code().name
+    after = call(channel, "ImageFsInfo", b"")[0]
+    print("pull", code)
+    print("during", during)
+    print("after", after)
+    print("# ready", len(ready), flush=True)
+
+
 def main():
     socket, image = sys.argv[1], sys.argv[2].encode()
     channel = grpc.insecure_channel("unix://" + socket)
+    if len(sys.argv) > 3 and sys.argv[3].startswith("watch:"):
+        watch(channel, int(sys.argv[3][len("watch:"):]))
+        return
+    if len(sys.argv) > 3 and sys.argv[3].startswith("cancel:"):
+        cancel_pull(channel, field(1, field(1, image)), int(sys.argv[3][len("cancel:"):]) / 1000)
+        return
     spec = field(1, field(1, image))
     calls = [
         ("ListImages", "ListImages", b""),

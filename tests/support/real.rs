@@ -98,6 +98,8 @@ pub struct Registry {
     pub addr: String,
     user: String,
     password: String,
+    /// Its access log (one line per request, Apache combined format).
+    access_log: std::path::PathBuf,
 }
 
 impl Registry {
@@ -122,10 +124,12 @@ impl Registry {
         );
         std::fs::write(dir.join("config.yml"), config).unwrap();
         let log = std::fs::File::create(dir.join("log")).unwrap();
+        let access_log = dir.join("access.log");
+        let access = std::fs::File::create(&access_log).unwrap();
         let child = Command::new(bin)
             .arg("serve")
             .arg(dir.join("config.yml"))
-            .stdout(Stdio::null())
+            .stdout(access)
             .stderr(log)
             .spawn()
             .unwrap();
@@ -137,6 +141,36 @@ impl Registry {
             addr,
             user: user.into(),
             password: password.into(),
+            access_log,
+        }
+    }
+
+    /// The status of every manifest request for `repo` so far, in order
+    /// (containerd resolves an image by its manifest: one attempt to pull
+    /// is a run of these). Waits until the log has been quiet for 300 ms,
+    /// so requests of a pull that just ended are counted.
+    pub fn manifest_requests(&self, repo: &str) -> Vec<u16> {
+        let needle = format!("/v2/{repo}/manifests/");
+        let read = || {
+            std::fs::read_to_string(&self.access_log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .filter_map(|l| {
+                    // `... "HEAD /v2/app/manifests/v1 HTTP/1.1" 401 146 ...`
+                    let after = l.split("\" ").nth(1)?;
+                    after.split(' ').next()?.parse().ok()
+                })
+                .collect::<Vec<u16>>()
+        };
+        let mut last = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
         }
     }
 
@@ -529,6 +563,7 @@ pub struct Relay {
     pub addr: String,
     stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stalled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Relay {
@@ -543,7 +578,13 @@ impl Relay {
         let addr = listener.local_addr().unwrap().to_string();
         let stall = Arc::new(AtomicBool::new(false));
         let stalled = Arc::new(AtomicUsize::new(0));
-        let (target, st, sd) = (target.to_owned(), stall.clone(), stalled.clone());
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (target, st, sd, cl) = (
+            target.to_owned(),
+            stall.clone(),
+            stalled.clone(),
+            closed.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = TcpStream::connect(&target) else {
@@ -551,8 +592,11 @@ impl Relay {
                 };
                 let (mut c_in, mut s_out) =
                     (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let cl = cl.clone();
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut c_in, &mut s_out);
+                    // The client (containerd) closed its side.
+                    cl.fetch_add(1, Ordering::SeqCst);
                     let _ = s_out.shutdown(std::net::Shutdown::Write);
                 });
                 let (mut s_in, mut c_out, st, sd) = (server, client, st.clone(), sd.clone());
@@ -585,6 +629,7 @@ impl Relay {
             addr,
             stall,
             stalled,
+            closed,
         }
     }
 
@@ -596,5 +641,10 @@ impl Relay {
     /// How many transfers are frozen, or were.
     pub fn stalled(&self) -> usize {
         self.stalled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many connections the client side (containerd) has closed.
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

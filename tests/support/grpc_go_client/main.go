@@ -1,7 +1,7 @@
 // A CRI caller built on grpc-go, kubelet's gRPC library, for
 // tests/interop.rs.
 //
-// Usage: grpc_go_client SOCKET IMAGE [watch:SECONDS]
+// Usage: grpc_go_client SOCKET IMAGE [watch:SECONDS | cancel:MS]
 //
 // Calls SOCKET with raw protobuf bytes (a codec that passes bytes through),
 // so no generated code is needed, and prints one line per call:
@@ -9,10 +9,15 @@
 // goroutines on one connection, mixed with 20 pulls, and prints how many
 // did not end as expected.
 //
+// With cancel:MS it starts a pull of IMAGE with no deadline, cancels it
+// after MS milliseconds while the connection stays open, and calls
+// ImageFsInfo on the same connection before and after (see cancelPull).
+//
 // With watch:SECONDS it instead calls ImageFsInfo every 20 ms on one
 // connection, as kubelet keeps calling its runtime, until its standard
 // input closes (or SECONDS pass), and prints `unix-milliseconds code
-// message` for each call.
+// message` for each call, then `# ready N`: how many times the connection
+// became ready (1 when the caller kept one connection throughout).
 //
 // Built in GOPATH mode against Debian's golang-google-grpc-dev, which is
 // what can be installed here (no Go module proxy).
@@ -32,6 +37,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
 )
 
@@ -72,6 +78,58 @@ func callWithin(conn *grpc.ClientConn, method string, body []byte, timeout time.
 	return "OK", hex.EncodeToString(sum[:])[:16]
 }
 
+// watchReady counts how many times conn becomes ready; the function it
+// returns prints `# ready N`.
+func watchReady(conn *grpc.ClientConn) func() {
+	var mu sync.Mutex
+	ready := 0
+	go func() {
+		state := conn.GetState()
+		for {
+			if state == connectivity.Ready {
+				mu.Lock()
+				ready++
+				mu.Unlock()
+			}
+			if !conn.WaitForStateChange(context.Background(), state) {
+				return
+			}
+			state = conn.GetState()
+		}
+	}()
+	return func() {
+		mu.Lock()
+		defer mu.Unlock()
+		fmt.Println("# ready", ready)
+	}
+}
+
+// cancelPull starts a pull of spec with no deadline, cancels it after
+// wait (a pod deleted while its image pulls: kubelet cancels the call's
+// context, which resets that one stream), and calls ImageFsInfo on the
+// same connection before and after. Prints `pull CODE`, `during CODE`,
+// `after CODE` and `# ready N`.
+func cancelPull(conn *grpc.ClientConn, spec []byte, wait time.Duration) {
+	printReady := watchReady(conn)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan string)
+	go func() {
+		var answer []byte
+		body := spec
+		err := conn.Invoke(ctx, "/runtime.v1.ImageService/PullImage", &body, &answer, grpc.ForceCodec(raw{}))
+		done <- strings.ToUpper(status.Convert(err).Code().String())
+	}()
+	time.Sleep(wait)
+	during, _ := call(conn, "ImageFsInfo", nil)
+	cancel()
+	pull := <-done
+	after, _ := call(conn, "ImageFsInfo", nil)
+	fmt.Println("pull", pull)
+	fmt.Println("during", during)
+	fmt.Println("after", after)
+	printReady()
+}
+
 func main() {
 	socket, image := os.Args[1], []byte(os.Args[2])
 	// As kubelet dials its CRI endpoint: a Unix socket, no TLS.
@@ -98,6 +156,7 @@ func main() {
 			io.Copy(io.Discard, os.Stdin)
 			close(stop)
 		}()
+		printReady := watchReady(conn)
 		deadline := time.After(time.Duration(seconds) * time.Second)
 		for {
 			code, message := callWithin(conn, "ImageFsInfo", nil, 5*time.Second)
@@ -107,14 +166,25 @@ func main() {
 			fmt.Println(time.Now().UnixMilli(), code, message)
 			select {
 			case <-stop:
+				printReady()
 				return
 			case <-deadline:
+				printReady()
 				return
 			case <-time.After(20 * time.Millisecond):
 			}
 		}
 	}
 	spec := field(1, field(1, image))
+	if len(os.Args) > 3 && strings.HasPrefix(os.Args[3], "cancel:") {
+		ms, err := strconv.Atoi(strings.TrimPrefix(os.Args[3], "cancel:"))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "cancel:", err)
+			os.Exit(2)
+		}
+		cancelPull(conn, spec, time.Duration(ms)*time.Millisecond)
+		return
+	}
 	calls := []struct {
 		name, method string
 		body         []byte
