@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ecr_pull_proxy::config::{Cli, Config};
-use ecr_pull_proxy::credentials::Resolver;
 use ecr_pull_proxy::cri;
 use ecr_pull_proxy::ecr::{CredentialSource, SourceError, Token, TokenCache, TokenKey};
+use ecr_pull_proxy::pull::credentials::Resolver;
 use ecr_pull_proxy::pull::{self, Credentials};
 use futures_util::future::BoxFuture;
 use prost::Message;

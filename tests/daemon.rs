@@ -149,8 +149,8 @@ fn config_mistakes_refuse_to_start_with_exit_64_naming_the_key() {
             "[[registries]]\npatterns = [\"m.example\"]\nregistry = \"not-ecr.example\"\n",
             &["registries[0].registry"],
         ),
-        ("listen = [\n", &["config file"]),
-        ("listen = 5\n", &["listen", "invalid type"]),
+        ("listen = [\n", &["config file", "line 1, column", ": "]),
+        ("\n\nlisten = 5\n", &["listen", "invalid type", "line 3, column 10"]),
         ("[[registries]]\npatterns = [\"bad[\"]\nregistry = \"123456789012.dkr.ecr.us-east-1.amazonaws.com\"\n", &["registries[0].patterns[0]", "malformed glob"]),
         ("aws_timeout = \"10 parsecs\"\n", &["aws_timeout"]),
     ];
@@ -202,11 +202,39 @@ fn config_mistakes_refuse_to_start_with_exit_64_naming_the_key() {
 
 #[test]
 fn usage_errors_exit_64_and_help_shows_the_defaults() {
-    let (code, out) = run_proxy_to_exit(&["--no-such-flag"], Duration::from_secs(10));
-    assert_eq!(code, Some(EXIT_USAGE), "{out}");
-    let (code, out) = run_proxy_to_exit(&["--log-format", "xml"], Duration::from_secs(10));
-    assert_eq!(code, Some(EXIT_USAGE), "{out}");
-    assert!(out.contains("text") && out.contains("json"), "{out}");
+    // Each usage error: exit 64 and one line, prefixed like every other
+    // error, naming the flag and what it accepts.
+    for (args, needles) in [
+        (&["--no-such-flag"][..], &["--no-such-flag"][..]),
+        (
+            &["--log-format", "xml"],
+            &["xml", "--log-format", "text", "json"],
+        ),
+        (&["--log-level", "loud"], &["loud", "--log-level", "info"]),
+        (&["check", "--listen", "/x.sock"], &["--listen"]),
+    ] {
+        let (code, out) = run_proxy_to_exit(args, Duration::from_secs(10));
+        assert_eq!(code, Some(EXIT_USAGE), "{args:?}: {out}");
+        assert_eq!(out.lines().count(), 1, "{args:?}: one line: {out}");
+        assert!(out.starts_with("ecr-pull-proxy: "), "{args:?}: {out}");
+        for n in needles {
+            assert!(out.contains(n), "{args:?}: {out} should mention {n}");
+        }
+    }
+    // `check --help` lists what `check` uses, and nothing else.
+    let (code, out) = run_proxy_to_exit(&["check", "--help"], Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{out}");
+    for used in ["--config", "--upstream", "--image"] {
+        assert!(out.contains(used), "check --help should list {used}: {out}");
+    }
+    for unused in [
+        "--listen",
+        "--log-level",
+        "--log-format",
+        "--metrics-listen",
+    ] {
+        assert!(!out.contains(unused), "check --help lists {unused}: {out}");
+    }
     let (code, out) = run_proxy_to_exit(&["--help"], Duration::from_secs(10));
     assert_eq!(code, Some(0));
     for default in [

@@ -47,7 +47,7 @@ fn readme_lists_exactly_the_config_keys() {
 #[test]
 fn readme_lists_exactly_the_metric_families() {
     let mut documented = first_column(&readme(), "## Metrics and health");
-    let mut families: Vec<String> = ecr_pull_proxy::metrics::FAMILIES
+    let mut families: Vec<String> = ecr_pull_proxy::ops::metrics::FAMILIES
         .iter()
         .map(|f| f.to_string())
         .collect();
@@ -179,5 +179,77 @@ fn systemd_unit_verifies_and_its_exposure_is_the_readmes() {
     assert!(
         readme().contains(&format!("rates it {score} ")),
         "README should state the exposure level {score}"
+    );
+}
+
+/// Every path the Development table names (backticked in its first
+/// column; a name ending in `/` is a folder).
+fn development_paths() -> Vec<String> {
+    let readme = readme();
+    let section = readme
+        .split("## Development")
+        .nth(1)
+        .expect("README has a Development section");
+    section
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .flat_map(|l| {
+            let cell = l.split('|').nth(1).unwrap().to_owned();
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every file under `dir` (relative to the crate), recursively.
+fn files_under(dir: &str) -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    let mut todo = vec![root.join(dir)];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_development_table_names_every_source_file_and_nothing_else() {
+    let named = development_paths();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for path in &named {
+        assert!(
+            root.join(path).exists(),
+            "README names {path}, which does not exist"
+        );
+    }
+    let mut files = files_under("src");
+    files.extend(
+        files_under("tests")
+            .into_iter()
+            .filter(|f| f.ends_with(".rs") && f.matches('/').count() == 1),
+    );
+    let unnamed: Vec<&String> = files
+        .iter()
+        .filter(|f| {
+            !named
+                .iter()
+                .any(|n| *f == n || (n.ends_with('/') && f.starts_with(n.as_str())))
+        })
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "the README's Development table leaves out {unnamed:?}"
     );
 }

@@ -115,6 +115,114 @@ async fn wrong_caller_password_succeeds_under_fallback_and_fails_under_keep() {
     assert_no_secrets(&replace.logs());
 }
 
+/// Manifest requests the registry saw for one direct pull of `image` with
+/// `auth`, and the pull's result: what one attempt costs the registry.
+async fn one_direct_attempt(
+    s: &Stack,
+    repo: &str,
+    image: &str,
+    auth: Option<cri::AuthConfig>,
+) -> (usize, Result<String, tonic::Status>) {
+    let before = s.registry.manifest_requests(repo).len();
+    let result = pull(s.direct(), image, auth).await;
+    if result.is_ok() {
+        remove(s.direct(), image).await;
+    }
+    (s.registry.manifest_requests(repo).len() - before, result)
+}
+
+/// `fallback` with credentials the registry accepts: forwarded as they
+/// are, one attempt, and no ECR token is even fetched.
+#[tokio::test(flavor = "multi_thread")]
+async fn fallback_forwards_good_caller_credentials_and_fetches_no_token() {
+    let s = Stack::start(&[ECR_HOST]);
+    s.registry.push_image("app", &["v1"]);
+    let image = format!("{ECR_HOST}/app:v1");
+    let (per_attempt, direct) =
+        one_direct_attempt(&s, "app", &image, creds("AWS", MOTO_PASSWORD)).await;
+    direct.expect("good credentials pull direct");
+
+    let proxy = s.proxy("fallback", "");
+    let before = s.registry.manifest_requests("app").len();
+    pull(proxy.channel(), &image, creds("AWS", MOTO_PASSWORD))
+        .await
+        .expect("the caller's own credentials");
+    assert_eq!(
+        s.registry.manifest_requests("app").len() - before,
+        per_attempt,
+        "one attempt"
+    );
+    assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 0);
+    let logs = proxy.logs();
+    assert!(logs.contains("credentials=\"caller\""), "{logs}");
+    assert!(!logs.contains("retrying once with the ECR token"), "{logs}");
+    assert_no_secrets(&logs);
+}
+
+/// `fallback` with credentials the registry refuses: exactly one more
+/// attempt, with the ECR token (one token call), and no third.
+#[tokio::test(flavor = "multi_thread")]
+async fn fallback_retries_a_refusal_exactly_once_with_the_token() {
+    let s = Stack::start(&[ECR_HOST]);
+    s.registry.push_image("app", &["v1"]);
+    let image = format!("{ECR_HOST}/app:v1");
+    let (refused, direct) =
+        one_direct_attempt(&s, "app", &image, creds("AWS", CALLER_PASSWORD)).await;
+    assert_refused(direct);
+    let (accepted, direct) =
+        one_direct_attempt(&s, "app", &image, creds("AWS", MOTO_PASSWORD)).await;
+    direct.expect("good credentials pull direct");
+
+    let proxy = s.proxy("fallback", "");
+    let before = s.registry.manifest_requests("app").len();
+    pull(proxy.channel(), &image, creds("AWS", CALLER_PASSWORD))
+        .await
+        .expect("fallback to the ECR token");
+    assert_eq!(
+        s.registry.manifest_requests("app").len() - before,
+        refused + accepted,
+        "one refused attempt, then one with the token"
+    );
+    assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 1);
+    let logs = proxy.logs();
+    assert_eq!(
+        logs.matches("retrying once with the ECR token").count(),
+        1,
+        "{logs}"
+    );
+    assert!(logs.contains("credentials=\"fallback\""), "{logs}");
+    assert_no_secrets(&logs);
+}
+
+/// `fallback` when the pull fails for another reason (the image does not
+/// exist): the failure is the caller's answer; no retry, no token.
+#[tokio::test(flavor = "multi_thread")]
+async fn fallback_does_not_retry_a_failure_that_is_not_a_refusal() {
+    let s = Stack::start(&[ECR_HOST]);
+    s.registry.push_image("app", &["v1"]);
+    let image = format!("{ECR_HOST}/app:missing");
+    let (per_attempt, direct) =
+        one_direct_attempt(&s, "app", &image, creds("AWS", MOTO_PASSWORD)).await;
+    let direct = direct.expect_err("no such tag");
+
+    let proxy = s.proxy("fallback", "");
+    let before = s.registry.manifest_requests("app").len();
+    let err = pull(proxy.channel(), &image, creds("AWS", MOTO_PASSWORD))
+        .await
+        .expect_err("no such tag");
+    assert_eq!(err.code(), direct.code(), "{err:?}");
+    assert!(err.message().contains("not found"), "{err:?}");
+    assert_eq!(
+        s.registry.manifest_requests("app").len() - before,
+        per_attempt,
+        "one attempt"
+    );
+    assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 0);
+    let logs = proxy.logs();
+    assert!(!logs.contains("retrying once with the ECR token"), "{logs}");
+    assert_no_secrets(&logs);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sixteen_concurrent_cold_pulls_make_one_token_call() {
     let host = "123456789012.dkr.ecr.eu-central-1.amazonaws.com";
