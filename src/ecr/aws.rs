@@ -317,8 +317,9 @@ pub fn decode_token(token: &str) -> Result<Credentials, SourceError> {
     })
 }
 
-/// AWS error codes that mean "this identity may not do that".
-const ACCESS_DENIED_CODES: &[&str] = &[
+/// AWS error codes that mean "this identity may not do that" (the
+/// shipped alert rules match each; tests/monitoring.rs checks).
+pub const ACCESS_DENIED_CODES: &[&str] = &[
     "AccessDenied",
     "AccessDeniedException",
     "UnrecognizedClientException",
@@ -329,8 +330,9 @@ const ACCESS_DENIED_CODES: &[&str] = &[
     "ExpiredTokenException",
 ];
 
-/// AWS error codes that mean "slow down".
-const THROTTLING_CODES: &[&str] = &[
+/// AWS error codes that mean "slow down" (the shipped alert rules match
+/// each; tests/monitoring.rs checks).
+pub const THROTTLING_CODES: &[&str] = &[
     "ThrottlingException",
     "Throttling",
     "TooManyRequestsException",

@@ -1,0 +1,263 @@
+//! The operator's kit that ships with the package (systemd/monitoring/):
+//! the alert rules parse and pass their unit tests under Prometheus's own
+//! `promtool`, each alert has a case that fires it and one that must not,
+//! and every metric the rules and the dashboard query is one a running
+//! daemon serves, so a renamed metric breaks the build, not the pager.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::stack::{pull, Stack, ECR_HOST};
+
+const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/monitoring/alerts.yml");
+const RULE_TESTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/monitoring/alerts_test.yml"
+);
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/systemd/monitoring/dashboard.json"
+);
+
+fn promtool() -> PathBuf {
+    support::require("promtool", "the Debian package prometheus")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+fn rules() -> Vec<serde_yaml::Value> {
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(RULES).unwrap()).unwrap();
+    doc["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap().clone())
+        .collect()
+}
+
+#[test]
+fn the_rules_parse_under_promtool() {
+    let out = run(Command::new(promtool()).args(["check", "rules", RULES]));
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+#[test]
+fn the_rules_pass_their_unit_tests_under_promtool() {
+    let dir = Path::new(RULE_TESTS).parent().unwrap();
+    let out = run(Command::new(promtool())
+        .args(["test", "rules", "alerts_test.yml"])
+        .current_dir(dir));
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+/// Each alert: a severity, a `for:` that waits out blips, a summary, a
+/// description that says what to run next; and unit tests in which it
+/// fires once and stays quiet once.
+#[test]
+fn every_alert_is_complete_and_tested_both_ways() {
+    let tests: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(RULE_TESTS).unwrap()).unwrap();
+    let cases: Vec<&serde_yaml::Value> = tests["tests"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_sequence().unwrap())
+        .collect();
+    let alerts = rules();
+    assert!(alerts.len() >= 6, "{alerts:?}");
+    for rule in &alerts {
+        let name = rule["alert"].as_str().expect("an alerting rule");
+        let severity = rule["labels"]["severity"].as_str().unwrap_or_default();
+        assert!(
+            ["critical", "warning"].contains(&severity),
+            "{name}: severity {severity:?}"
+        );
+        let wait = rule["for"].as_str().unwrap_or_default();
+        assert!(
+            wait.ends_with('m') && wait.trim_end_matches('m').parse::<u32>().unwrap_or(0) >= 5,
+            "{name}: `for: {wait}` does not wait out a blip"
+        );
+        assert!(rule["annotations"]["summary"].as_str().is_some(), "{name}");
+        let description = rule["annotations"]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            [
+                "`ecr-pull-proxy check",
+                "`journalctl -u ecr-pull-proxy",
+                "`systemctl status"
+            ]
+            .iter()
+            .any(|c| description.contains(c)),
+            "{name}: the description says what to run next: {description}"
+        );
+        let of_this: Vec<_> = cases
+            .iter()
+            .filter(|c| c["alertname"].as_str() == Some(name))
+            .collect();
+        assert!(
+            of_this
+                .iter()
+                .any(|c| !c["exp_alerts"].as_sequence().unwrap().is_empty()),
+            "{name}: no case where it fires"
+        );
+        assert!(
+            of_this
+                .iter()
+                .any(|c| c["exp_alerts"].as_sequence().unwrap().is_empty()),
+            "{name}: no case where it must not fire"
+        );
+    }
+}
+
+#[test]
+fn the_aws_alerts_match_every_code_the_daemon_reports() {
+    let alerts = rules();
+    let expr = |name: &str| {
+        alerts
+            .iter()
+            .find(|r| r["alert"].as_str() == Some(name))
+            .and_then(|r| r["expr"].as_str())
+            .unwrap_or_else(|| panic!("no alert {name}"))
+            .to_owned()
+    };
+    let throttled = expr("EcrPullProxyAwsThrottled");
+    for code in ecr_pull_proxy::ecr::aws::THROTTLING_CODES
+        .iter()
+        .chain(&["HTTP 429"])
+    {
+        assert!(throttled.contains(code), "{code} missing from {throttled}");
+    }
+    let denied = expr("EcrPullProxyAwsDenied");
+    for code in ecr_pull_proxy::ecr::aws::ACCESS_DENIED_CODES
+        .iter()
+        .chain(&["NoCredentials", "CredentialsError"])
+    {
+        assert!(denied.contains(code), "{code} missing from {denied}");
+    }
+}
+
+/// Every `ecr_pull_proxy_*` name in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("ecr_pull_proxy_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The series names a running daemon serves once it has done its work (a
+/// pull through it with an ECR token: families without a sample are not
+/// exported), from its `# TYPE` lines.
+async fn served_names() -> BTreeSet<String> {
+    let s = Stack::start(&[ECR_HOST]);
+    s.registry.push_image("app", &["v1"]);
+    let metrics = s.dir.path().join("m.sock");
+    let proxy = s.proxy(
+        "p",
+        &format!("metrics_listen = \"unix:{}\"", metrics.display()),
+    );
+    pull(proxy.channel(), &format!("{ECR_HOST}/app:v1"), None)
+        .await
+        .expect("a pull with the ECR token");
+    let mut conn = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
+    write!(conn, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    let mut names = BTreeSet::new();
+    for line in out.lines() {
+        let Some(decl) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut f = decl.split(' ');
+        let (name, kind) = (f.next().unwrap(), f.next().unwrap_or_default());
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            "info" => {
+                names.insert(format!("{name}_info"));
+            }
+            _ => {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    // Every family the daemon declares is there after that work.
+    for family in ecr_pull_proxy::ops::metrics::FAMILIES {
+        assert!(
+            names.iter().any(|n| n.starts_with(family)),
+            "{family} not served after a pull:\n{out}"
+        );
+    }
+    names
+}
+
+// Multi-threaded: the blocking scrape must not starve the scripted
+// upstream, which runs on the test's runtime.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_metric_the_rules_and_the_dashboard_query_is_served() {
+    let served = served_names().await;
+    let rules_text = std::fs::read_to_string(RULES).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(DASHBOARD).unwrap()).unwrap();
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            queries.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    for var in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = var["query"].as_str() {
+            queries.push(q.to_owned());
+        }
+    }
+    assert!(queries.len() >= 8, "{queries:?}");
+    let used_by_rules = metric_names(&rules_text);
+    let used_by_dashboard = metric_names(&queries.join("\n"));
+    assert!(used_by_rules.len() >= 4 && used_by_dashboard.len() >= 8);
+    for name in used_by_rules.iter().chain(&used_by_dashboard) {
+        assert!(
+            served.contains(name),
+            "{name} is queried but the daemon serves only {served:?}"
+        );
+    }
+}
+
+#[test]
+fn metric_names_are_found_in_queries() {
+    assert_eq!(
+        metric_names(
+            "sum(rate(ecr_pull_proxy_calls_total{a=\"b\"}[5m])) / ecr_pull_proxy_upstream_up"
+        ),
+        ["ecr_pull_proxy_calls_total", "ecr_pull_proxy_upstream_up"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+}
