@@ -56,6 +56,11 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 /// A request header block for `method` (HPACK: static-table indices and
 /// literals without indexing, so every block stands alone).
 fn request_headers(method: &str) -> Vec<u8> {
+    request_headers_with_authority(method, "localhost")
+}
+
+/// As [`request_headers`], with `authority` as `:authority`.
+fn request_headers_with_authority(method: &str, authority: &str) -> Vec<u8> {
     let mut b = vec![0x83, 0x86]; // :method POST, :scheme http
     let mut literal = |index: u8, value: &str| {
         b.push(index);
@@ -63,7 +68,7 @@ fn request_headers(method: &str) -> Vec<u8> {
         b.extend_from_slice(value.as_bytes());
     };
     literal(0x04, &format!("/runtime.v1.ImageService/{method}")); // :path
-    literal(0x01, "localhost"); // :authority
+    literal(0x01, authority); // :authority
     b.extend_from_slice(&[0x0f, 0x10]); // content-type
     b.push(16);
     b.extend_from_slice(b"application/grpc");
@@ -443,4 +448,67 @@ async fn the_attackers_request_is_a_valid_call() {
     .unwrap();
     // Headers, the answer's message, trailers.
     assert_eq!(kinds, [HEADERS, DATA, HEADERS]);
+}
+
+/// Frames on `stream` until it ends or is reset: their types, and the
+/// RST_STREAM code if it was reset.
+fn frames_of(s: &mut UnixStream, stream: u32) -> (Vec<u8>, Option<u32>) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut kinds, mut buf, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
+    loop {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed; stream {stream} saw {kinds:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len =
+                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+            if id == stream {
+                kinds.push(buf[3]);
+                if buf[3] == RST_STREAM {
+                    let p = &buf[9..13];
+                    return (kinds, Some(u32::from_be_bytes([p[0], p[1], p[2], p[3]])));
+                }
+                if buf[4] & END_STREAM != 0 {
+                    return (kinds, None);
+                }
+            }
+            buf.drain(..9 + len);
+        }
+    }
+}
+
+/// A caller that sends its socket path as `:authority` (grpc-go with a
+/// passthrough target and no `WithAuthority`, grpcio 1.57 and later,
+/// grpc-java) has that call refused by h2 with PROTOCOL_ERROR: no valid
+/// URI authority (hyperium/h2#487; kubelet and crictl send `localhost`).
+/// The refusal is that call's only: the connection goes on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_path_as_authority_is_refused_for_that_call_only() {
+    let b = start().await;
+    let socket = b.proxy.socket.clone();
+    let (refused, served) = tokio::task::spawn_blocking(move || {
+        let mut s = connect(&socket);
+        let path = socket.to_str().unwrap().to_owned();
+        let bad = request_headers_with_authority("ImageFsInfo", &path);
+        s.write_all(&frame(HEADERS, END_HEADERS, 1, &bad)).unwrap();
+        s.write_all(&frame(DATA, END_STREAM, 1, &[0; 5])).unwrap();
+        let refused = frames_of(&mut s, 1);
+        s.write_all(&frame(
+            HEADERS,
+            END_HEADERS,
+            3,
+            &request_headers("ImageFsInfo"),
+        ))
+        .unwrap();
+        s.write_all(&frame(DATA, END_STREAM, 3, &[0; 5])).unwrap();
+        (refused, frames_of(&mut s, 3))
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused, (vec![RST_STREAM], Some(PROTOCOL_ERROR)));
+    assert_eq!(served, (vec![HEADERS, DATA, HEADERS], None));
 }

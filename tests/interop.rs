@@ -373,7 +373,7 @@ fn a_cancelled_pull_stops_in_containerd(caller: &[PathBuf]) {
         "the layer download to stall",
         || relay.stalled() > 0,
     );
-    let closed_before = relay.closed();
+    assert_eq!(relay.closed(), 0, "no download given up before the cancel");
     let out = child.wait_with_output().unwrap();
     let cancelled_at = Instant::now();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -389,7 +389,11 @@ fn a_cancelled_pull_stops_in_containerd(caller: &[PathBuf]) {
             .unwrap_or_else(|| panic!("no `{name}` line: {stdout}"))
             .to_owned()
     };
-    assert_eq!(line("pull"), "CANCELLED", "{stdout}");
+    // (grpc-go spells it CANCELED.)
+    assert!(
+        ["CANCELLED", "CANCELED"].contains(&line("pull").as_str()),
+        "{stdout}"
+    );
     assert_eq!(line("during"), "OK", "a call beside the pull: {stdout}");
     assert_eq!(line("after"), "OK", "a call after the cancel: {stdout}");
     assert_eq!(
@@ -402,10 +406,10 @@ fn a_cancelled_pull_stops_in_containerd(caller: &[PathBuf]) {
     support::wait_until(
         Duration::from_secs(10),
         "containerd to close its registry connection",
-        || relay.closed() > closed_before,
+        || relay.closed() > 0,
     );
     println!(
-        "{}: registry connection closed {:?} after the cancel",
+        "{}: the frozen download closed {:?} after the caller finished",
         caller[caller.len() - 1].display(),
         cancelled_at.elapsed()
     );

@@ -106,7 +106,12 @@ def cancel_pull(channel, spec, wait):
 
 def main():
     socket, image = sys.argv[1], sys.argv[2].encode()
-    channel = grpc.insecure_channel("unix://" + socket)
+    # `localhost` as the authority, as kubelet sends it (grpcio would send
+    # the %-encoded socket path, which is no valid authority: see the
+    # README's Limits).
+    channel = grpc.insecure_channel(
+        "unix://" + socket, options=[("grpc.default_authority", "localhost")]
+    )
     if len(sys.argv) > 3 and sys.argv[3].startswith("watch:"):
         watch(channel, int(sys.argv[3][len("watch:"):]))
         return

@@ -592,11 +592,16 @@ impl Relay {
                 };
                 let (mut c_in, mut s_out) =
                     (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let cl = cl.clone();
+                // Set once this connection's answer is frozen.
+                let frozen = Arc::new(AtomicBool::new(false));
+                let (cl, frozen_in) = (cl.clone(), frozen.clone());
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut c_in, &mut s_out);
-                    // The client (containerd) closed its side.
-                    cl.fetch_add(1, Ordering::SeqCst);
+                    // The client (containerd) closed its side of a frozen
+                    // transfer: it gave the download up.
+                    if frozen_in.load(Ordering::SeqCst) {
+                        cl.fetch_add(1, Ordering::SeqCst);
+                    }
                     let _ = s_out.shutdown(std::net::Shutdown::Write);
                 });
                 let (mut s_in, mut c_out, st, sd) = (server, client, st.clone(), sd.clone());
@@ -608,6 +613,7 @@ impl Relay {
                         while st.load(Ordering::SeqCst) && sent >= Relay::STALL_AFTER {
                             if !counted {
                                 counted = true;
+                                frozen.store(true, Ordering::SeqCst);
                                 sd.fetch_add(1, Ordering::SeqCst);
                             }
                             std::thread::sleep(Duration::from_millis(20));
@@ -643,7 +649,8 @@ impl Relay {
         self.stalled.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// How many connections the client side (containerd) has closed.
+    /// How many frozen transfers the client side (containerd) has closed:
+    /// downloads it gave up.
     pub fn closed(&self) -> usize {
         self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }

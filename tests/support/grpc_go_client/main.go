@@ -132,9 +132,12 @@ func cancelPull(conn *grpc.ClientConn, spec []byte, wait time.Duration) {
 
 func main() {
 	socket, image := os.Args[1], []byte(os.Args[2])
-	// As kubelet dials its CRI endpoint: a Unix socket, no TLS.
+	// As kubelet dials its CRI endpoint: a Unix socket, no TLS, and
+	// `localhost` as the authority (kubernetes#112597; grpc-go would
+	// otherwise send the socket path, which is no valid authority).
 	conn, err := grpc.Dial("passthrough:///"+socket,
 		grpc.WithInsecure(),
+		grpc.WithAuthority("localhost"),
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
 		}),
