@@ -16,44 +16,13 @@ use std::process::Command;
 use support::stack::*;
 
 const C_CORE_CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/grpc_client.py");
-const GO_CLIENT_SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/grpc_go_client");
-/// Where Debian's golang-*-dev packages put their sources (GOPATH mode).
-const DEBIAN_GOPATH: &str = "/usr/share/gocode";
-
 /// The grpc-go caller, built once per run of this file (the tests run in
 /// parallel; one build serves them all).
 fn go_client() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(build_go_client).clone()
-}
-
-/// Builds the grpc-go caller (a few seconds; Go caches the rest).
-fn build_go_client() -> PathBuf {
-    let go = support::require("go", "golang-go and golang-google-grpc-dev (Debian)");
-    assert!(
-        Path::new(DEBIAN_GOPATH)
-            .join("src/google.golang.org/grpc")
-            .is_dir(),
-        "grpc-go sources not found under {DEBIAN_GOPATH}: install golang-google-grpc-dev (`.ci/install` does this)"
-    );
-    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let binary = out_dir.join("grpc-go-client");
-    let out = Command::new(go)
-        .args(["build", "-o"])
-        .arg(&binary)
-        .arg(".")
-        .current_dir(GO_CLIENT_SOURCE)
-        .env("GO111MODULE", "off")
-        .env("GOPATH", DEBIAN_GOPATH)
-        .env("GOCACHE", out_dir.join("go-build"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building the grpc-go caller failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    binary
+    BUILT
+        .get_or_init(|| support::go::build("grpc_go_client", "grpc-go-client"))
+        .clone()
 }
 
 /// Runs a caller against `socket`: call name → (code, digest), and the

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake_ecr;
+pub mod go;
 pub mod raw;
 pub mod real;
 pub mod scripted;
