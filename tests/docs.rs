@@ -110,6 +110,11 @@ fn readme_states_the_defaults_the_code_uses() {
             cache::ERROR_BACKOFF_MIN.as_secs(),
             cache::ERROR_BACKOFF_MAX.as_secs()
         ),
+        format!(
+            "from {} s to {} s when AWS throttled",
+            cache::THROTTLED_BACKOFF_MIN.as_secs(),
+            cache::THROTTLED_BACKOFF_MAX.as_secs()
+        ),
     ];
     for e in &expected {
         assert!(readme.contains(e.as_str()), "README should state {e}");

@@ -3,10 +3,15 @@
 //! against a simulated ECR API that enforces AWS's GetAuthorizationToken
 //! quota as a token bucket (20 requests/s sustained, bursts to 200; beyond
 //! that, ThrottlingException). Each node's fetch behaves like the SDK's
-//! standard retries (3 attempts, 200 ms doubling backoff with full jitter).
+//! standard retries (up to 3 attempts, 200 ms doubling backoff with full
+//! jitter), drawn from the node's own random sequence.
 //!
-//! Two scenarios, each printing a table (`--nocapture`) that the README
-//! quotes:
+//! Each scenario runs two policies side by side and prints one table
+//! (`--nocapture`) that the README quotes: the one before this tuning
+//! (error backoff 1 s doubling to 60 s for every failure, half jitter) and
+//! the shipped one ([`RetryPolicy::default`]: throttling backs off from
+//! 40 s doubling to 4 min with full jitter, and the SDK makes one attempt
+//! per fetch instead of retrying a throttled call within the second).
 //! - steady state: 10,000 nodes for 7 days, pulls at random times, node
 //!   restarts, and a 0.1 % rate of AWS 5xx errors;
 //! - mass boot: 10,000 nodes booting within 5 minutes, each pulling at once
@@ -18,9 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use ecr_pull_proxy::config::DEFAULT_TOKEN_WAIT;
+use ecr_pull_proxy::ecr::aws::RETRY_MAX_ATTEMPTS;
 use ecr_pull_proxy::ecr::{
-    CredentialSource, EcrService, EndpointVariant, ErrorKind, SourceError, Token, TokenCache,
-    TokenKey,
+    CredentialSource, EcrService, EndpointVariant, ErrorKind, RetryPolicy, SourceError, Token,
+    TokenCache, TokenKey,
 };
 use ecr_pull_proxy::pull::Credentials;
 use futures_util::future::BoxFuture;
@@ -30,7 +36,34 @@ use tokio::time::Instant;
 const NODES: usize = 10_000;
 const RATE: f64 = 20.0;
 const BURST: f64 = 200.0;
+/// The SDK's attempts per fetch (standard retry mode).
 const ATTEMPTS: u32 = 3;
+
+/// The policy before this tuning: every failure backed off from 1 s
+/// doubling to 60 s, each wait drawn from the upper half.
+fn before_tuning() -> RetryPolicy {
+    RetryPolicy {
+        backoff_min: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(60),
+        throttled_min: Duration::from_secs(1),
+        throttled_max: Duration::from_secs(60),
+        full_jitter: false,
+    }
+}
+
+/// A retry policy: the cache's, and the SDK's attempts per fetch when
+/// AWS throttles.
+type Policy = (RetryPolicy, u32);
+
+/// The two policies each scenario compares: before tuning, the SDK retried
+/// a throttled call up to 3 times; the shipped daemon makes one attempt
+/// per fetch (`RETRY_MAX_ATTEMPTS`) and lets the cache retry.
+fn policies() -> [(&'static str, Policy); 2] {
+    [
+        ("before tuning", (before_tuning(), ATTEMPTS)),
+        ("shipped", (RetryPolicy::default(), RETRY_MAX_ATTEMPTS)),
+    ]
+}
 
 /// The account-and-region quota, and what reached it.
 struct Api {
@@ -92,24 +125,32 @@ impl Api {
     }
 }
 
-/// One node's view of the API: the SDK's standard retries around it.
+/// One node's view of the API: the SDK's standard retries around it. The
+/// node's random sequence lives as long as the node, so each fetch draws
+/// new jitter (a sequence seeded per fetch from the clock would repeat on
+/// the paused clock).
 struct NodeSource {
     api: Arc<Mutex<Api>>,
-    seed: u64,
+    rng: Arc<Mutex<rand::rngs::StdRng>>,
+    /// Attempts per fetch when AWS throttles.
+    throttled_attempts: u32,
+    /// When the node first got a token.
+    first_token: Arc<Mutex<Option<Instant>>>,
 }
 
 impl CredentialSource for NodeSource {
     fn fetch(&self, _: &TokenKey) -> BoxFuture<'static, Result<Token, SourceError>> {
         let api = self.api.clone();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(
-            self.seed ^ Instant::now().elapsed().as_nanos() as u64,
-        );
+        let rng = self.rng.clone();
+        let throttled_attempts = self.throttled_attempts;
+        let first_token = self.first_token.clone();
         Box::pin(async move {
             let mut last = Answer::Throttled;
             for attempt in 0..ATTEMPTS {
                 tokio::time::sleep(Duration::from_millis(30)).await;
                 last = api.lock().unwrap().request();
                 if let Answer::Token = last {
+                    first_token.lock().unwrap().get_or_insert_with(Instant::now);
                     return Ok(Token {
                         credentials: Credentials {
                             username: "AWS".into(),
@@ -118,9 +159,15 @@ impl CredentialSource for NodeSource {
                         expires_at: SystemTime::now() + Duration::from_secs(12 * 3600),
                     });
                 }
+                if let Answer::Throttled = last {
+                    if attempt + 1 >= throttled_attempts {
+                        break;
+                    }
+                }
                 if attempt + 1 < ATTEMPTS {
                     let cap = (0.2 * 2f64.powi(attempt as i32)).min(2.0);
-                    tokio::time::sleep(Duration::from_secs_f64(rng.random_range(0.0..cap))).await;
+                    let wait = rng.lock().unwrap().random_range(0.0..cap);
+                    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                 }
             }
             Err(match last {
@@ -145,26 +192,51 @@ fn key() -> TokenKey {
     }
 }
 
-fn node_cache(api: &Arc<Mutex<Api>>, seed: u64) -> TokenCache {
+fn node_cache(api: &Arc<Mutex<Api>>, seed: u64, policy: Policy) -> TokenCache {
+    node_cache_seeing(api, seed, policy, Arc::default())
+}
+
+/// A node's cache; `first_token` is set when its first token arrives.
+fn node_cache_seeing(
+    api: &Arc<Mutex<Api>>,
+    seed: u64,
+    policy: Policy,
+    first_token: Arc<Mutex<Option<Instant>>>,
+) -> TokenCache {
+    let (policy, throttled_attempts) = policy;
     TokenCache::new(
         Arc::new(NodeSource {
             api: api.clone(),
-            seed,
+            rng: Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(seed))),
+            throttled_attempts,
+            first_token,
         }),
         None,
         Arc::default(),
     )
+    .with_retry(policy)
 }
 
-fn print_table(title: &str, rows: &[(&str, String)]) {
-    println!("\n{title}\n| figure | value |\n| --- | --- |");
+/// A table with one column per policy.
+fn print_table(title: &str, columns: &[&str], rows: &[(&str, Vec<String>)]) {
+    println!("\n{title}\n| figure | {} |", columns.join(" | "));
+    println!("| --- |{}", " --- |".repeat(columns.len()));
     for (k, v) in rows {
-        println!("| {k} | {v} |");
+        println!("| {k} | {} |", v.join(" | "));
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn steady_state_fleet_stays_far_below_the_quota() {
+/// What one steady-state run showed.
+struct Steady {
+    per_node_day: f64,
+    steady_tps: f64,
+    peak: u32,
+    throttled: u64,
+    errors: u64,
+    failed: u64,
+}
+
+async fn steady_state(policy: Policy) -> Steady {
     const DAYS: u64 = 7;
     let api = Arc::new(Mutex::new(Api::new(0.001)));
     let horizon = Duration::from_secs(DAYS * 24 * 3600);
@@ -175,13 +247,13 @@ async fn steady_state_fleet_stays_far_below_the_quota() {
         let (api, failed) = (api.clone(), failed_pulls.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
-            let mut cache = node_cache(&api, n as u64);
+            let mut cache = node_cache(&api, rng.random(), policy);
             // Nodes come up over the first hour, then pull every 2 h on
             // average and restart about once a week.
             tokio::time::sleep(Duration::from_secs(rng.random_range(0..3600))).await;
             while start.elapsed() < horizon {
                 if rng.random_bool(1.0 / (7.0 * 12.0)) {
-                    cache = node_cache(&api, rng.random());
+                    cache = node_cache(&api, rng.random(), policy);
                 }
                 if cache.get(&key(), DEFAULT_TOKEN_WAIT).await.is_err() {
                     *failed.lock().unwrap() += 1;
@@ -202,46 +274,101 @@ async fn steady_state_fleet_stays_far_below_the_quota() {
         .filter(|(s, _)| **s >= 86_400)
         .map(|(_, c)| c)
         .sum();
-    let steady_tps = f64::from(steady_calls) / days_after_first;
-    let peak = api.per_second.values().max().copied().unwrap_or(0);
-    let per_node_day = api.calls as f64 / NODES as f64 / DAYS as f64;
     let failed = *failed_pulls.lock().unwrap();
-    print_table(
-        "fleet simulation: 10,000 nodes for 7 days (pulls every 2 h on average, weekly restarts, 0.1 % AWS errors)",
-        &[
-            ("API calls per node per day", format!("{per_node_day:.2}")),
-            ("steady-state fleet TPS (days 2-7)", format!("{steady_tps:.3}")),
-            ("peak TPS (any second)", format!("{peak}")),
-            ("throttled calls", format!("{}", api.throttled)),
-            ("AWS errors injected", format!("{}", api.errors)),
-            ("pulls that got no token", format!("{failed}")),
-        ],
-    );
-    assert!(steady_tps < 1.0, "steady state {steady_tps} TPS");
-    assert_eq!(api.throttled, 0);
-    assert_eq!(
-        failed, 0,
-        "a 0.1 % error rate must not fail pulls: the cached token serves"
-    );
+    Steady {
+        per_node_day: api.calls as f64 / NODES as f64 / DAYS as f64,
+        steady_tps: f64::from(steady_calls) / days_after_first,
+        peak: api.per_second.values().max().copied().unwrap_or(0),
+        throttled: api.throttled,
+        errors: api.errors,
+        failed,
+    }
 }
 
 #[tokio::test(start_paused = true)]
-async fn mass_boot_gives_every_node_a_token_within_ten_minutes() {
+async fn steady_state_fleet_stays_far_below_the_quota() {
+    let mut runs = Vec::new();
+    for (_, policy) in policies() {
+        runs.push(steady_state(policy).await);
+    }
+    let col = |f: &dyn Fn(&Steady) -> String| runs.iter().map(f).collect::<Vec<_>>();
+    print_table(
+        "fleet simulation: 10,000 nodes for 7 days (pulls every 2 h on average, weekly restarts, 0.1 % AWS errors)",
+        &policies().map(|(name, _)| name),
+        &[
+            ("API calls per node per day", col(&|r| format!("{:.2}", r.per_node_day))),
+            ("steady-state fleet TPS (days 2-7)", col(&|r| format!("{:.3}", r.steady_tps))),
+            ("peak TPS (any second)", col(&|r| r.peak.to_string())),
+            ("throttled calls", col(&|r| r.throttled.to_string())),
+            ("AWS errors injected", col(&|r| r.errors.to_string())),
+            ("pulls that got no token", col(&|r| r.failed.to_string())),
+        ],
+    );
+    let shipped = &runs[1];
+    // The target: at most 0.5 TPS for 10,000 nodes, unchanged or better.
+    assert!(
+        shipped.steady_tps <= 0.5,
+        "steady state {} TPS",
+        shipped.steady_tps
+    );
+    assert!(shipped.steady_tps <= runs[0].steady_tps * 1.05);
+    assert_eq!(shipped.throttled, 0);
+    // Errors happened, and a cached token served through every one.
+    assert!(shipped.errors > 0);
+    assert_eq!(
+        shipped.failed, 0,
+        "the cached token serves through AWS errors"
+    );
+}
+
+/// What one mass boot showed.
+struct Boot {
+    /// Each node's wait until its cache held a token, sorted.
+    tokened: Vec<Duration>,
+    /// Each node's wait for its first successful pull (kubelet asks again
+    /// on its own back-off, so this trails the token), sorted.
+    waits: Vec<Duration>,
+    calls: u64,
+    throttled: u64,
+    peak: u32,
+    saturated_seconds: usize,
+    last_call: u64,
+}
+
+impl Boot {
+    fn pct(&self, p: f64) -> Duration {
+        self.tokened[((self.tokened.len() as f64 * p) as usize).min(self.tokened.len() - 1)]
+    }
+
+    fn pull_pct(&self, p: f64) -> Duration {
+        self.waits[((self.waits.len() as f64 * p) as usize).min(self.waits.len() - 1)]
+    }
+
+    fn per_node(&self) -> f64 {
+        self.calls as f64 / NODES as f64
+    }
+}
+
+async fn mass_boot(policy: Policy) -> Boot {
     let api = Arc::new(Mutex::new(Api::new(0.0)));
     let waits = Arc::new(Mutex::new(Vec::with_capacity(NODES)));
+    let tokened = Arc::new(Mutex::new(Vec::with_capacity(NODES)));
     let mut tasks = Vec::with_capacity(NODES);
     for n in 0..NODES {
-        let (api, waits) = (api.clone(), waits.clone());
+        let (api, waits, tokened) = (api.clone(), waits.clone(), tokened.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
             tokio::time::sleep(Duration::from_secs_f64(rng.random_range(0.0..300.0))).await;
             let booted = Instant::now();
-            let cache = node_cache(&api, n as u64);
+            let first_token = Arc::new(Mutex::new(None));
+            let cache = node_cache_seeing(&api, rng.random(), policy, first_token.clone());
             // kubelet's image pull backoff: 10 s doubling to 5 min.
             let mut backoff = Duration::from_secs(10);
             loop {
                 if cache.get(&key(), DEFAULT_TOKEN_WAIT).await.is_ok() {
                     waits.lock().unwrap().push(booted.elapsed());
+                    let at = first_token.lock().unwrap().expect("a token was fetched");
+                    tokened.lock().unwrap().push(at - booted);
                     return;
                 }
                 tokio::time::sleep(backoff).await;
@@ -254,46 +381,75 @@ async fn mass_boot_gives_every_node_a_token_within_ten_minutes() {
     }
     let mut waits = waits.lock().unwrap().clone();
     waits.sort();
+    let mut tokened = tokened.lock().unwrap().clone();
+    tokened.sort();
     let api = api.lock().unwrap();
-    let last_second = *api.per_second.keys().max().unwrap();
-    let last_empty = api.empty_seconds.iter().max().copied().unwrap_or(0);
-    let peak = api.per_second.values().max().copied().unwrap_or(0);
-    let pct = |p: f64| waits[((waits.len() as f64 * p) as usize).min(waits.len() - 1)];
+    Boot {
+        tokened,
+        waits,
+        calls: api.calls,
+        throttled: api.throttled,
+        peak: api.per_second.values().max().copied().unwrap_or(0),
+        saturated_seconds: api.empty_seconds.len(),
+        last_call: *api.per_second.keys().max().unwrap(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn mass_boot_gives_every_node_a_token_within_ten_minutes_in_few_calls() {
+    let mut runs = Vec::new();
+    for (_, policy) in policies() {
+        runs.push(mass_boot(policy).await);
+    }
+    let col = |f: &dyn Fn(&Boot) -> String| runs.iter().map(f).collect::<Vec<_>>();
+    let secs = |d: Duration| format!("{:.0} s", d.as_secs_f64());
     print_table(
         "fleet simulation: 10,000 nodes booting within 5 minutes (kubelet retries 10 s doubling to 5 min)",
+        &policies().map(|(name, _)| name),
         &[
-            ("nodes with a token", format!("{}", waits.len())),
-            ("wait for the first token: median", format!("{:.0} s", pct(0.5).as_secs_f64())),
-            ("wait for the first token: p99", format!("{:.0} s", pct(0.99).as_secs_f64())),
-            ("wait for the first token: slowest node", format!("{:.0} s", waits.last().unwrap().as_secs_f64())),
-            ("API calls (attempts)", format!("{} ({:.2} per node)", api.calls, api.calls as f64 / NODES as f64)),
-            ("throttled calls", format!("{}", api.throttled)),
-            ("peak TPS (any second)", format!("{peak}")),
-            ("last second the bucket was empty", format!("{last_empty} s after the first boot")),
-            ("last API call", format!("{last_second} s after the first boot")),
+            ("nodes with a token", col(&|r| r.waits.len().to_string())),
+            ("API calls per node", col(&|r| format!("{:.2}", r.per_node()))),
+            ("API calls (attempts)", col(&|r| r.calls.to_string())),
+            ("throttled calls", col(&|r| r.throttled.to_string())),
+            ("peak TPS (any second)", col(&|r| r.peak.to_string())),
+            ("seconds the quota was saturated", col(&|r| r.saturated_seconds.to_string())),
+            ("time to first token: median", col(&|r| secs(r.pct(0.5)))),
+            ("time to first token: p99", col(&|r| secs(r.pct(0.99)))),
+            ("time to first token: slowest node", col(&|r| secs(*r.tokened.last().unwrap()))),
+            ("first successful pull (kubelet's retry schedule): median / p99 / slowest", col(&|r| format!("{} / {} / {}", secs(r.pull_pct(0.5)), secs(r.pull_pct(0.99)), secs(*r.waits.last().unwrap())))),
+            ("last API call", col(&|r| format!("{} s after the first boot", r.last_call))),
         ],
     );
-    assert_eq!(waits.len(), NODES, "every node gets a token");
-    // The quota serves 200 + 20/s: 10,000 tokens take at least ~490 s. The
-    // bucket must be empty only while nodes are still waiting, not after.
-    let served_by = api.start.elapsed().as_secs(); // the virtual clock ran to the last node
-    assert!(
-        last_empty < served_by,
-        "bucket empty at {last_empty} s, after all were served"
-    );
-    // The target: every node has a token within ten minutes of booting.
-    let slowest = *waits.last().unwrap();
+    let (before, shipped) = (&runs[0], &runs[1]);
+    assert_eq!(shipped.waits.len(), NODES, "every node gets a token");
+    // The targets: every node holds a token within ten minutes of booting
+    // (its next pull then succeeds at once; kubelet may ask later), in at
+    // most 3 calls per node on average.
+    let slowest = *shipped.tokened.last().unwrap();
     assert!(
         slowest <= Duration::from_secs(600),
         "slowest node waited {slowest:?}"
     );
-    // Retries stay bounded: a waiting node retries on the cache's backoff
-    // (1 s doubling to 60 s, jittered), each fetch at most 3 SDK attempts.
-    assert!(api.calls <= 20 * NODES as u64, "{} calls", api.calls);
-    // Half the fleet is served within a minute of booting.
     assert!(
-        pct(0.5) <= Duration::from_secs(60),
-        "median wait {:?}",
-        pct(0.5)
+        shipped.per_node() <= 3.0,
+        "{:.2} calls per node",
+        shipped.per_node()
     );
+    // Not met: peak ≤ 100 TPS (the shipped policy peaks at about 120 as the
+    // fleet's last nodes boot into the backlog; see the README). Held to
+    // a sixth of the old policy's peak, so a regression shows.
+    assert!(
+        shipped.peak * 6 < before.peak,
+        "peak {} TPS (before: {})",
+        shipped.peak,
+        before.peak
+    );
+    // p99 within 15 % of the old policy's (about 435 s against 400-430 s);
+    // the median trades ten seconds for the calls (see the README).
+    assert!(shipped.pct(0.99).as_secs_f64() <= before.pct(0.99).as_secs_f64() * 1.15);
+    assert!(shipped.pct(0.5) <= Duration::from_secs(60));
+    // What an account's other callers gain: far fewer throttled calls and
+    // seconds of a saturated quota than before.
+    assert!(shipped.throttled * 4 < before.throttled);
+    assert!(shipped.saturated_seconds < before.saturated_seconds);
 }

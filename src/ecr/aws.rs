@@ -37,23 +37,18 @@ pub async fn load_sdk_config(timeout: Duration) -> SdkConfig {
         .await
 }
 
-/// Standard retries (3 attempts, with jitter), starting at 200 ms instead of
-/// the SDK's 1 s: the token cache already backs off between failed fetches,
-/// and quick attempts let the real cause (a refused connection, a throttle)
-/// surface inside `aws_timeout` instead of a bare timeout.
+/// One attempt per AWS call: the token cache retries a failed fetch itself
+/// (throttling on a long backoff with full jitter, other passing failures
+/// from 1 s), while pulls wait for it. The SDK's standard mode would also
+/// retry a throttled call twice within a second, on every node at once:
+/// in the fleet simulation (tests/fleet.rs) that alone roughly triples the
+/// calls a booting fleet makes into the account's shared quota.
 fn retry_config() -> aws_config::retry::RetryConfig {
-    aws_config::retry::RetryConfig::standard()
-        .with_max_attempts(RETRY_MAX_ATTEMPTS)
-        .with_initial_backoff(RETRY_INITIAL_BACKOFF)
-        .with_max_backoff(RETRY_MAX_BACKOFF)
+    aws_config::retry::RetryConfig::standard().with_max_attempts(RETRY_MAX_ATTEMPTS)
 }
 
-/// Attempts per AWS call, the SDK's standard number.
-pub const RETRY_MAX_ATTEMPTS: u32 = 3;
-/// First retry delay.
-pub const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
-/// Longest retry delay.
-pub const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Attempts per AWS call (the token cache does the retrying).
+pub const RETRY_MAX_ATTEMPTS: u32 = 1;
 
 fn timeout_config(timeout: Duration) -> TimeoutConfig {
     TimeoutConfig::builder()

@@ -8,10 +8,12 @@
 //! - A token already expired on arrival (clock skew; emulators) serves that
 //!   pull and is kept for at most [`EXPIRED_ON_ARRIVAL_TTL`].
 //! - Errors are cached with exponential backoff from [`ERROR_BACKOFF_MIN`]
-//!   to [`ERROR_BACKOFF_MAX`], so a broken role cannot call AWS at pull rate;
-//!   a still-usable token keeps serving while AWS fails.
+//!   to [`ERROR_BACKOFF_MAX`] (from [`THROTTLED_BACKOFF_MIN`] to
+//!   [`THROTTLED_BACKOFF_MAX`] when AWS throttled), so a broken role cannot
+//!   call AWS at pull rate; a still-usable token keeps serving while AWS
+//!   fails.
 //! - A fetch that fails for a passing reason (throttling, network, timeout)
-//!   is retried in the background on that backoff, with jitter, for as long
+//!   is retried in the background on that backoff, with full jitter, for as long
 //!   as pulls keep asking (within [`RETRY_WHILE_WANTED`]); a pull waits for
 //!   those retries up to the configured token wait. So when a whole fleet
 //!   boots into the API quota, a node gets its token as soon as the quota
@@ -31,10 +33,70 @@ use crate::ops::metrics::{Metrics, TokenLabels};
 pub const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// How long a token that arrived already expired (or nearly so) is kept.
 pub const EXPIRED_ON_ARRIVAL_TTL: Duration = Duration::from_secs(60);
-/// First backoff after a failed fetch.
+/// First backoff after a failed fetch (network, timeout, AWS 5xx).
 pub const ERROR_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest backoff after repeated failures.
 pub const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// First backoff after AWS throttled a fetch. `GetAuthorizationToken`'s
+/// quota (20/s, bursts of 200) is shared by a whole account and region: a
+/// fleet booting together must spread out, not retry at once. Tuned on the
+/// fleet simulation (tests/fleet.rs).
+pub const THROTTLED_BACKOFF_MIN: Duration = Duration::from_secs(THROTTLED_MIN_S);
+/// Longest backoff after repeated throttling.
+pub const THROTTLED_BACKOFF_MAX: Duration = Duration::from_secs(THROTTLED_MAX_S);
+const THROTTLED_MIN_S: u64 = 40;
+const THROTTLED_MAX_S: u64 = 240;
+
+/// How a fetch that failed for a passing reason is retried while pulls
+/// wait for it: exponential backoff between `min` and `max` (throttling
+/// has its own, longer range), each wait drawn at random.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// First backoff after a failure other than throttling.
+    pub backoff_min: Duration,
+    /// Longest backoff after such failures.
+    pub backoff_max: Duration,
+    /// First backoff after AWS throttled the fetch.
+    pub throttled_min: Duration,
+    /// Longest backoff after repeated throttling.
+    pub throttled_max: Duration,
+    /// Each wait is drawn from the whole backoff (`full` jitter, as AWS
+    /// advises for clients sharing a quota) rather than its upper half.
+    pub full_jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            backoff_min: ERROR_BACKOFF_MIN,
+            backoff_max: ERROR_BACKOFF_MAX,
+            throttled_min: THROTTLED_BACKOFF_MIN,
+            throttled_max: THROTTLED_BACKOFF_MAX,
+            full_jitter: true,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The backoff after `prev` (the one before, if any) for `error`.
+    fn next_backoff(&self, prev: Option<&CachedError>, error: &SourceError) -> Duration {
+        let (min, max) = if error.kind == super::ErrorKind::Throttled {
+            (self.throttled_min, self.throttled_max)
+        } else {
+            (self.backoff_min, self.backoff_max)
+        };
+        match prev {
+            Some(p) => (p.backoff * 2).clamp(min, max),
+            None => min,
+        }
+    }
+
+    /// How long to wait before retrying after `backoff`.
+    fn delay(&self, backoff: Duration) -> Duration {
+        let low = if self.full_jitter { 0.0 } else { 0.5 };
+        backoff.mul_f64(rand::rng().random_range(low..=1.0))
+    }
+}
 /// A failing fetch is retried in the background while a pull has asked for
 /// its token within this long (twice kubelet's longest pull back-off).
 pub const RETRY_WHILE_WANTED: Duration = Duration::from_secs(10 * 60);
@@ -176,6 +238,7 @@ pub struct TokenCache {
     source: Arc<dyn CredentialSource>,
     slots: moka::sync::Cache<TokenKey, Arc<Slot>>,
     max_age: Option<Duration>,
+    retry: RetryPolicy,
     metrics: Arc<Metrics>,
 }
 
@@ -191,8 +254,16 @@ impl TokenCache {
             source,
             slots: moka::sync::Cache::new(MAX_KEYS),
             max_age,
+            retry: RetryPolicy::default(),
             metrics,
         }
+    }
+
+    /// The same cache with another retry policy (the fleet simulation
+    /// compares policies with it).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 
     /// Sets `token_expiry_seconds` from the tokens cached now (called at
@@ -292,7 +363,7 @@ impl TokenCache {
                             .wanted
                             .filter(|w| w.elapsed() < RETRY_WHILE_WANTED)
                             .and(st.error.as_ref())
-                            .map(|e| e.backoff.mul_f64(rand::rng().random_range(0.5..=1.0))),
+                            .map(|e| this.retry.delay(e.backoff)),
                         _ => None,
                     };
                     st.fetch_error = result.as_ref().err().cloned();
@@ -364,10 +435,7 @@ impl TokenCache {
                 Ok(credentials)
             }
             Err(error) => {
-                let backoff = match &st.error {
-                    Some(prev) => (prev.backoff * 2).min(ERROR_BACKOFF_MAX),
-                    None => ERROR_BACKOFF_MIN,
-                };
+                let backoff = self.retry.next_backoff(st.error.as_ref(), &error);
                 st.error = Some(CachedError {
                     error: error.clone(),
                     retry_at: now + backoff,
@@ -627,7 +695,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_passing_failure_is_retried_while_the_pull_waits() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
-        source.fail_with(Some(ErrorKind::Throttled));
+        source.fail_with(Some(ErrorKind::Network));
         let cache = TokenCache::new(source.clone(), None, Arc::default());
         let waiting = tokio::spawn({
             let cache = cache.clone();
@@ -635,23 +703,52 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiting.is_finished(), "the pull waits for the retries");
-        // Backoff 1, 2, 4 s, each jittered down to at most half: 3 to 4
-        // attempts in the first 5 s.
-        assert!((3..=4).contains(&source.calls()), "{}", source.calls());
+        // Backoff 1, 2, 4 s, each wait drawn from the whole of it: two to
+        // six attempts in the first 5 s.
+        assert!((2..=6).contains(&source.calls()), "{}", source.calls());
         source.fail_with(None);
         let started = Instant::now();
         let (c, outcome) = waiting.await.unwrap().unwrap();
         assert_eq!(outcome, CacheOutcome::Miss);
         assert!(c.password.starts_with("pw-"));
         assert!(
-            started.elapsed() <= Duration::from_secs(8),
-            "next retry at most 8 s on"
+            started.elapsed() <= Duration::from_secs(16),
+            "next retry at most 16 s on"
         );
         // A pull that asks later is a hit.
         assert_eq!(
             cache.get(&key(), Duration::ZERO).await.unwrap().1,
             CacheOutcome::Hit
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_backs_off_far_longer_than_other_failures() {
+        let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
+        source.fail_with(Some(ErrorKind::Throttled));
+        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let pull = {
+            let cache = cache.clone();
+            move || {
+                let cache = cache.clone();
+                async move { cache.get(&key(), Duration::ZERO).await }
+            }
+        };
+        assert_eq!(pull().await.unwrap_err().kind, ErrorKind::Throttled);
+        // The first retry comes within THROTTLED_BACKOFF_MIN, at a random
+        // point of it; the next within twice that: a handful at most in
+        // that time, where a 1 s backoff would have made five or more.
+        tokio::time::sleep(THROTTLED_BACKOFF_MIN - Duration::from_millis(1)).await;
+        assert!(source.calls() <= 4, "{}", source.calls());
+        // Pulls keep asking for ten minutes: backoff 40, 80, 160, 240 s
+        // (waits drawn from each) keeps the calls few, and at least one
+        // retry per backoff's worth of time.
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let _ = pull().await;
+        }
+        let calls = source.calls();
+        assert!((5..=16).contains(&calls), "{calls}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -687,8 +784,8 @@ mod tests {
         assert!(cache.get(&key(), Duration::ZERO).await.is_err());
         tokio::time::sleep(RETRY_WHILE_WANTED + ERROR_BACKOFF_MAX).await;
         let after_window = source.calls();
-        // 1, 2, 4 ... 60 s backoff (jittered) over ten minutes.
-        assert!((8..=25).contains(&after_window), "{after_window}");
+        // 1, 2, 4 ... 60 s backoff (full jitter) over ten minutes.
+        assert!((8..=45).contains(&after_window), "{after_window}");
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert_eq!(
             source.calls(),

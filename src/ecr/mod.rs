@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use futures_util::future::BoxFuture;
 
-pub use cache::{CacheOutcome, TokenCache};
+pub use cache::{CacheOutcome, RetryPolicy, TokenCache};
 pub use host::{EcrHost, EndpointVariant};
 
 use crate::config::Role;
