@@ -464,6 +464,44 @@ async fn sigterm_lets_in_flight_calls_finish_then_exits_zero() {
     assert!(!s.proxy.socket.exists(), "socket removed on exit");
 }
 
+/// SIGTERM while a pull is in flight: the socket stops accepting at once
+/// (it is removed, so a new caller is refused), the pull completes during
+/// the drain, and the daemon exits 0.
+#[tokio::test]
+async fn sigterm_stops_accepting_while_a_pull_in_flight_completes() {
+    let mut s = setup().await;
+    let channel = s.proxy.channel();
+    let pull = tokio::spawn(raw::unary(
+        channel,
+        "/runtime.v1.ImageService/PullImage",
+        with_script(message_with_unknown_field("PullImage"), "delay:2000"),
+    ));
+    support::eventually(Duration::from_secs(5), "upstream to see the pull", || {
+        !s.upstream.calls().is_empty()
+    })
+    .await;
+    s.proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    support::eventually(Duration::from_secs(1), "the socket to go", || {
+        !s.proxy.socket.exists()
+    })
+    .await;
+    assert!(
+        std::os::unix::net::UnixStream::connect(&s.proxy.socket).is_err(),
+        "a new caller is refused while the pull drains"
+    );
+    assert!(!pull.is_finished(), "the pull is still in flight");
+    let resp = pull
+        .await
+        .unwrap()
+        .expect("the pull completes during the drain");
+    assert_eq!(resp.get_ref(), &message_with_unknown_field("PullImage"));
+    let status = s.proxy.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{}", s.proxy.logs());
+    let logs = s.proxy.logs();
+    assert!(logs.contains("draining in-flight calls"), "{logs}");
+    assert!(logs.contains("drained"), "{logs}");
+}
+
 #[tokio::test]
 async fn garbage_and_http1_close_only_that_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -511,9 +549,11 @@ async fn pull_image_over_the_limit_is_resource_exhausted_and_never_forwarded() {
     .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("16777216"), "{}", err.message());
-    assert!(s.upstream.calls().is_empty());
-    // And the daemon keeps serving.
+    // The daemon keeps serving; once this later call has reached the
+    // upstream, a forwarded pull would have too: the upstream saw only it.
     raw::image_fs_info(s.proxy.channel()).await.unwrap();
+    let paths: Vec<String> = s.upstream.calls().into_iter().map(|c| c.path).collect();
+    assert_eq!(paths, ["/runtime.v1.ImageService/ImageFsInfo"]);
 }
 
 #[tokio::test]
