@@ -396,3 +396,90 @@ fn a_grpc_go_callers_cancelled_pull_stops_in_containerd() {
 fn a_grpc_c_core_callers_cancelled_pull_stops_in_containerd() {
     a_cancelled_pull_stops_in_containerd(&[python(), C_CORE_CLIENT.into()]);
 }
+
+/// Runs `caller` in echo mode against `socket`: its `echo` and `stream`
+/// lines.
+fn run_echo(caller: &[PathBuf], socket: &Path) -> (String, String) {
+    let out = Command::new(&caller[0])
+        .args(&caller[1..])
+        .arg(socket)
+        .arg("registry.example/app:v1")
+        .arg("echo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{caller:?} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no `{name}` line: {stdout}"))
+            .to_owned()
+    };
+    (line("echo"), line("stream"))
+}
+
+/// A message with a field no CRI version defines comes back byte for byte
+/// through the proxy, and a 5,000-message StreamImages streams through,
+/// for a caller not built on h2 (the upstream is the scripted echo).
+fn forwards_unknown_fields_and_streams(caller: &[PathBuf]) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = support::short_tempdir();
+    let upstream = rt.block_on(support::scripted::ScriptedUpstream::start(
+        &dir.path().join("up.sock"),
+    ));
+    let proxy = support::ProxyProcess::start(
+        dir.path(),
+        &upstream.socket,
+        support::ProxyOptions::default(),
+    );
+    let direct = run_echo(caller, &upstream.socket);
+    assert_eq!(direct, ("same".into(), "5000 OK".into()));
+    assert_eq!(run_echo(caller, &proxy.socket), direct);
+    let status = upstream
+        .calls()
+        .into_iter()
+        .rfind(|c| c.path.ends_with("/ImageStatus"))
+        .unwrap();
+    assert!(
+        status.body.ends_with(b"\x9a\x06\x03new"),
+        "the unknown field reached the upstream as sent"
+    );
+}
+
+#[test]
+fn a_grpc_go_caller_gets_unknown_fields_and_streams_through() {
+    forwards_unknown_fields_and_streams(&[go_client()]);
+}
+
+#[test]
+fn a_grpc_c_core_caller_gets_unknown_fields_and_streams_through() {
+    forwards_unknown_fields_and_streams(&[python(), C_CORE_CLIENT.into()]);
+}
+
+/// containerd 1.6 (Debian 12's) does not implement StreamImages: it answers
+/// Unimplemented, and the proxy passes that through as it is.
+#[test]
+fn stream_images_against_real_containerd_gets_what_it_gets_direct() {
+    let s = Stack::start(&[ECR_HOST]);
+    let proxy = s.proxy("p", "");
+    let version = Command::new("containerd")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    assert!(
+        version.contains(" 1.6"),
+        "this test states what containerd 1.6 answers; found {version}"
+    );
+    for caller in [vec![go_client()], vec![python(), C_CORE_CLIENT.into()]] {
+        let (_, direct) = run_echo(&caller, &s.containerd.socket);
+        let (_, through) = run_echo(&caller, &proxy.socket);
+        assert_eq!(direct, "0 UNIMPLEMENTED", "{caller:?}");
+        assert_eq!(through, direct, "{caller:?}");
+    }
+}

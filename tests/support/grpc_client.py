@@ -1,6 +1,6 @@
 """A CRI caller built on gRPC C-core (PyPI grpcio), for tests/interop.rs.
 
-Usage: grpc_client.py SOCKET IMAGE [watch:SECONDS | cancel:MS]
+Usage: grpc_client.py SOCKET IMAGE [watch:SECONDS | cancel:MS | echo]
 
 Calls SOCKET with raw protobuf bytes, so no generated code is needed, and
 prints one line per call: `name code sha256-of-answer-or-message`. Then
@@ -11,6 +11,11 @@ With cancel:MS it starts a pull of IMAGE with no deadline, cancels it after
 MS milliseconds while the channel stays open, and calls ImageFsInfo on the
 same channel before and after; prints `pull CODE`, `during CODE`,
 `after CODE` and `# ready N`.
+
+With echo (against tests' scripted upstream) it sends an ImageStatus whose
+message carries a field no CRI version defines and prints `echo same` when
+the echoed answer is byte for byte the message sent, then calls
+StreamImages asking for 5,000 messages and prints `stream N CODE`.
 
 With watch:SECONDS it instead calls ImageFsInfo every 20 ms on one channel
 until its standard input closes (or SECONDS pass), and prints
@@ -104,6 +109,30 @@ def cancel_pull(channel, spec, wait):
     print("# ready", len(ready), flush=True)
 
 
+def echo(channel, image):
+    # ImageStatusRequest { image: { image }, verbose: true } + field 99.
+    message = field(1, field(1, image)) + b"\x10\x01" + b"\x9a\x06\x03new"
+    rpc = channel.unary_unary(
+        "/runtime.v1.ImageService/ImageStatus",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    answer = rpc(message, timeout=30, metadata=[("x-script", "echo")])
+    print("echo", "same" if answer == message else "differs", flush=True)
+    stream = channel.unary_stream(
+        "/runtime.v1.ImageService/StreamImages",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    count, code = 0, "OK"
+    try:
+        for _ in stream(b"", timeout=60, metadata=[("x-script", "stream:5000")]):
+            count += 1
+    except grpc.RpcError as e:
+        code = e.code().name
+    print("stream", count, code, flush=True)
+
+
 def main():
     socket, image = sys.argv[1], sys.argv[2].encode()
     # `localhost` as the authority, as kubelet sends it (grpcio would send
@@ -114,6 +143,9 @@ def main():
     )
     if len(sys.argv) > 3 and sys.argv[3].startswith("watch:"):
         watch(channel, int(sys.argv[3][len("watch:"):]))
+        return
+    if len(sys.argv) > 3 and sys.argv[3] == "echo":
+        echo(channel, image)
         return
     if len(sys.argv) > 3 and sys.argv[3].startswith("cancel:"):
         cancel_pull(channel, field(1, field(1, image)), int(sys.argv[3][len("cancel:"):]) / 1000)

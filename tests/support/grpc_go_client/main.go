@@ -1,7 +1,7 @@
 // A CRI caller built on grpc-go, kubelet's gRPC library, for
 // tests/interop.rs.
 //
-// Usage: grpc_go_client SOCKET IMAGE [watch:SECONDS | cancel:MS]
+// Usage: grpc_go_client SOCKET IMAGE [watch:SECONDS | cancel:MS | echo]
 //
 // Calls SOCKET with raw protobuf bytes (a codec that passes bytes through),
 // so no generated code is needed, and prints one line per call:
@@ -12,6 +12,11 @@
 // With cancel:MS it starts a pull of IMAGE with no deadline, cancels it
 // after MS milliseconds while the connection stays open, and calls
 // ImageFsInfo on the same connection before and after (see cancelPull).
+//
+// With echo (against tests' scripted upstream) it sends an ImageStatus
+// whose message carries a field no CRI version defines and prints `echo
+// same` when the echoed answer is byte for byte the message sent, then
+// calls StreamImages asking for 5,000 messages and prints `stream N CODE`.
 //
 // With watch:SECONDS it instead calls ImageFsInfo every 20 ms on one
 // connection, as kubelet keeps calling its runtime, until its standard
@@ -38,6 +43,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -130,6 +136,43 @@ func cancelPull(conn *grpc.ClientConn, spec []byte, wait time.Duration) {
 	printReady()
 }
 
+// echo: see the file's comment.
+func echo(conn *grpc.ClientConn, image []byte) {
+	message := append(field(1, field(1, image)), 0x10, 0x01, 0x9a, 0x06, 0x03, 'n', 'e', 'w')
+	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "x-script", "echo"), 30*time.Second)
+	defer cancel()
+	var answer []byte
+	body := message
+	if err := conn.Invoke(ctx, "/runtime.v1.ImageService/ImageStatus", &body, &answer, grpc.ForceCodec(raw{})); err != nil {
+		fmt.Println("echo", strings.ToUpper(status.Convert(err).Code().String()))
+	} else if string(answer) == string(message) {
+		fmt.Println("echo same")
+	} else {
+		fmt.Println("echo differs")
+	}
+	sctx, scancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "x-script", "stream:5000"), 60*time.Second)
+	defer scancel()
+	stream, err := conn.NewStream(sctx, &grpc.StreamDesc{ServerStreams: true}, "/runtime.v1.ImageService/StreamImages", grpc.ForceCodec(raw{}))
+	count, code := 0, "OK"
+	if err == nil {
+		empty := []byte{}
+		err = stream.SendMsg(&empty)
+	}
+	if err == nil {
+		err = stream.CloseSend()
+	}
+	for err == nil {
+		var m []byte
+		if err = stream.RecvMsg(&m); err == nil {
+			count++
+		}
+	}
+	if err != io.EOF {
+		code = strings.ToUpper(status.Convert(err).Code().String())
+	}
+	fmt.Println("stream", count, code)
+}
+
 func main() {
 	socket, image := os.Args[1], []byte(os.Args[2])
 	// As kubelet dials its CRI endpoint: a Unix socket, no TLS, and
@@ -179,6 +222,10 @@ func main() {
 		}
 	}
 	spec := field(1, field(1, image))
+	if len(os.Args) > 3 && os.Args[3] == "echo" {
+		echo(conn, image)
+		return
+	}
 	if len(os.Args) > 3 && strings.HasPrefix(os.Args[3], "cancel:") {
 		ms, err := strconv.Atoi(strings.TrimPrefix(os.Args[3], "cancel:"))
 		if err != nil {
