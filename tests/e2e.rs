@@ -650,3 +650,39 @@ async fn metrics_and_health_follow_pulls_and_containerd() {
         Some(1.0)
     );
 }
+
+/// The `key=value` pairs of a log line: each key, and whether its value is
+/// quoted (tracing quotes strings recorded as values, not as `Display`).
+fn shape(line: &str) -> Vec<(String, bool)> {
+    line.split_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.starts_with('"')))
+        .collect()
+}
+
+/// Every sample pull line in the README has the shape of a real one: the
+/// same keys in the same order, quoted where the daemon quotes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readmes_pull_lines_have_the_shape_of_real_ones() {
+    let s = Stack::start(&[ECR_HOST]);
+    s.registry.push_image("app", &["v1"]);
+    let proxy = s.proxy("p", "");
+    pull(proxy.channel(), &format!("{ECR_HOST}/app:v1"), None)
+        .await
+        .expect("pull");
+    let logs = proxy.logs();
+    let real = logs
+        .lines()
+        .find(|l| l.contains("INFO pull image="))
+        .unwrap_or_else(|| panic!("no pull line in {logs}"));
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let samples: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.contains("INFO pull image="))
+        .collect();
+    assert!(samples.len() >= 3, "{samples:?}");
+    for sample in samples {
+        assert_eq!(shape(sample), shape(real), "README: {sample}\nreal: {real}");
+    }
+}
