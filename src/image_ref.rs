@@ -1,5 +1,8 @@
 //! Image reference → registry host and repository path, read the way
-//! containerd and kubelet read them (`docker.io` when no host is given).
+//! containerd and kubelet read them (distribution's `ParseNormalizedNamed`):
+//! `docker.io` when no host is given, `index.docker.io` as `docker.io`, and
+//! `library/` before a bare Docker Hub name, so `busybox` is
+//! `docker.io/library/busybox` — the name kubelet's keyring matches.
 //!
 //! Only as much of the distribution reference grammar as decides *which host*
 //! an image comes from is enforced strictly; a reference that does not parse is
@@ -10,6 +13,10 @@ use std::fmt;
 
 /// Host used for references without one, as containerd's normaliser does.
 pub const DEFAULT_DOMAIN: &str = "docker.io";
+/// Docker Hub's legacy host, normalised to [`DEFAULT_DOMAIN`].
+pub const LEGACY_DEFAULT_DOMAIN: &str = "index.docker.io";
+/// Prefix of Docker Hub's official images (`busybox` → `library/busybox`).
+pub const OFFICIAL_REPO_PREFIX: &str = "library/";
 
 /// The longest reference name accepted (distribution's `NameTotalLengthMax`).
 pub const MAX_NAME_LEN: usize = 255;
@@ -79,9 +86,20 @@ impl ImageRef {
         if !is_domain(domain) || !is_path(path) {
             return None;
         }
+        // distribution's splitDockerDomain.
+        let domain = if domain == LEGACY_DEFAULT_DOMAIN {
+            DEFAULT_DOMAIN
+        } else {
+            domain
+        };
+        let path = if domain == DEFAULT_DOMAIN && !path.contains('/') {
+            format!("{OFFICIAL_REPO_PREFIX}{path}")
+        } else {
+            path.to_owned()
+        };
         Some(ImageRef {
             domain: domain.to_owned(),
-            path: path.to_owned(),
+            path,
             tag: tag.map(str::to_owned),
             digest: digest.map(str::to_owned),
         })
@@ -200,16 +218,21 @@ fn is_tag(tag: &str) -> bool {
         && b.iter().all(|x| word(*x) || *x == b'.' || *x == b'-')
 }
 
-/// Digests: `algorithm:hex` with at least 32 hex digits.
+/// Digests as containerd accepts them (go-digest's `Parse`): an algorithm
+/// containerd knows and exactly its length of lower-case hex. Anything else
+/// (a 32-digit sha256, upper-case hex, an unknown algorithm) containerd
+/// refuses, so it is never matched here either.
 fn is_digest(d: &str) -> bool {
     let Some((alg, hex)) = d.split_once(':') else {
         return false;
     };
-    let alg_ok = alg.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
-        && alg
-            .bytes()
-            .all(|x| x.is_ascii_alphanumeric() || matches!(x, b'-' | b'_' | b'+' | b'.'));
-    alg_ok && hex.len() >= 32 && hex.bytes().all(|x| x.is_ascii_hexdigit())
+    let len = match alg {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        _ => return false,
+    };
+    hex.len() == len && hex.bytes().all(|x| matches!(x, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[cfg(test)]
@@ -223,7 +246,38 @@ mod tests {
         let d = DIGEST;
         type Case<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
         let cases: &[Case] = &[
-            ("busybox", "docker.io", "busybox", None, None),
+            // Docker Hub names are normalised as kubelet's keyring sees them.
+            ("busybox", "docker.io", "library/busybox", None, None),
+            (
+                "busybox:1.36",
+                "docker.io",
+                "library/busybox",
+                Some("1.36"),
+                None,
+            ),
+            (
+                "index.docker.io/team/app",
+                "docker.io",
+                "team/app",
+                None,
+                None,
+            ),
+            (
+                "index.docker.io/busybox",
+                "docker.io",
+                "library/busybox",
+                None,
+                None,
+            ),
+            (
+                "docker.io/busybox",
+                "docker.io",
+                "library/busybox",
+                None,
+                None,
+            ),
+            // Only Docker Hub gets `library/`.
+            ("quay.io/app", "quay.io", "app", None, None),
             (
                 "library/busybox:1.36",
                 "docker.io",
@@ -283,6 +337,8 @@ mod tests {
             assert_eq!(r.tag.as_deref(), *tag, "{input}");
             assert_eq!(r.digest.as_deref(), *digest, "{input}");
         }
+        let sha512 = format!("quay.io/app@sha512:{}", "ab".repeat(64));
+        assert!(ImageRef::parse(&sha512).is_some());
         let with_digest = format!("quay.io/app:v1@{d}");
         let r = ImageRef::parse(&with_digest).unwrap();
         assert_eq!(
@@ -301,6 +357,12 @@ mod tests {
             "example.com/app:",
             "example.com/app:-bad",
             "example.com/app@sha256:short",
+            // Digests containerd refuses (go-digest): 32-digit sha256,
+            // upper-case hex, an algorithm it does not know.
+            "example.com/app@sha256:0123456789abcdef0123456789abcdef",
+            "example.com/app@sha256:0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF",
+            "example.com/app@md5:0123456789abcdef0123456789abcdef",
+            "example.com/app@sha256+b64:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "example.com//app",
             "example.com/app/",
             "-example.com/app",

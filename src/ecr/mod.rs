@@ -36,6 +36,9 @@ impl fmt::Debug for Credentials {
 
 /// The ECR Public registry host.
 pub const ECR_PUBLIC_HOST: &str = "public.ecr.aws";
+/// Every host ECR Public serves images from (both are in the EKS default
+/// credential-provider config and ecr-credential-provider's own pattern).
+pub const ECR_PUBLIC_HOSTS: &[&str] = &[ECR_PUBLIC_HOST, "ecr-public.aws.com"];
 /// ECR Public issues its tokens in this region only.
 pub const ECR_PUBLIC_REGION: &str = "us-east-1";
 

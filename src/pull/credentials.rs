@@ -8,7 +8,7 @@ use std::fmt;
 
 use crate::config::{CredentialsConfig, ExistingCredentials};
 use crate::ecr::Credentials;
-use crate::ecr::{CacheOutcome, EcrHost, SourceError, TokenCache, TokenKey, ECR_PUBLIC_HOST};
+use crate::ecr::{CacheOutcome, EcrHost, SourceError, TokenCache, TokenKey, ECR_PUBLIC_HOSTS};
 use crate::image_ref::ImageRef;
 
 /// Where an image's credentials come from.
@@ -77,12 +77,12 @@ impl Resolver {
                 });
             }
         }
-        if self.config.ecr_public && r.domain == ECR_PUBLIC_HOST {
+        if self.config.ecr_public && ECR_PUBLIC_HOSTS.contains(&r.domain.as_str()) {
             return Some(Target {
                 image_host: r.domain.clone(),
                 key: TokenKey::public(),
                 account: String::new(),
-                pattern: ECR_PUBLIC_HOST.to_owned(),
+                pattern: r.domain.clone(),
                 anonymous_on_failure: true,
             });
         }
@@ -111,9 +111,10 @@ impl Resolver {
         let Some(r) = ImageRef::parse(image) else {
             return Some("not a valid image reference; containerd will reject it".into());
         };
-        if r.domain == ECR_PUBLIC_HOST {
+        if ECR_PUBLIC_HOSTS.contains(&r.domain.as_str()) {
             return Some(format!(
-                "{ECR_PUBLIC_HOST} gets a token only with ecr_public = true"
+                "{} gets a token only with ecr_public = true",
+                r.domain
             ));
         }
         let path = match_path(&r);
@@ -154,12 +155,11 @@ impl Resolver {
 
 /// What kubelet compares a pattern's path against: the image's path with
 /// its tag or digest (`URLsMatchStr` on the whole reference).
+/// What a pattern's path is matched against: the normalised repository
+/// name without tag or digest, as kubelet's keyring looks it up (the image
+/// manager's `Lookup(repoToPull)` after parsing the image).
 fn match_path(r: &ImageRef) -> String {
-    match (&r.tag, &r.digest) {
-        (Some(t), _) => format!("{}:{t}", r.path),
-        (None, Some(d)) => format!("{}@{d}", r.path),
-        (None, None) => r.path.clone(),
-    }
+    r.path.clone()
 }
 
 #[cfg(test)]
@@ -244,6 +244,13 @@ mod tests {
         let t = r.target("public.ecr.aws/team/app:v1").unwrap();
         assert_eq!(t.key, TokenKey::public());
         assert!(t.anonymous_on_failure);
+        // ECR Public's second host, as in EKS's default provider config.
+        assert!(resolver("").target("ecr-public.aws.com/team/app").is_none());
+        let t = r.target("ecr-public.aws.com/team/app:v1").unwrap();
+        assert_eq!(t.key, TokenKey::public());
+        assert!(r
+            .target("ecr-public.aws.com.evil.example/team/app")
+            .is_none());
         assert!(r.target("public.ecr.aws.evil.example/team/app").is_none());
         assert!(r.target("public.ecr.aws:8443/team/app").is_none());
         let private = r
@@ -268,6 +275,39 @@ mod tests {
         // default_patterns = false turns the ECR patterns off.
         assert!(r
             .target("123456789012.dkr.ecr.us-east-1.amazonaws.com/app")
+            .is_none());
+    }
+
+    /// Patterns see what kubelet's keyring sees: the normalised repository
+    /// name, without tag or digest (kubelet's image manager looks up
+    /// `repoToPull`).
+    #[test]
+    fn patterns_match_the_normalised_name_without_tag_or_digest() {
+        let mirror = |pattern: &str| {
+            resolver(&format!(
+                "default_patterns = false\n[[registries]]\npatterns = [\"{pattern}\"]\nregistry = \"210987654321.dkr.ecr.eu-west-1.amazonaws.com\""
+            ))
+        };
+        // `busybox` is docker.io/library/busybox.
+        let r = mirror("docker.io/library");
+        assert!(r.target("busybox").is_some());
+        assert!(r.target("busybox:1.36").is_some());
+        assert!(r.target("index.docker.io/library/busybox").is_some());
+        assert!(r.target("docker.io/team/app").is_none());
+        // index.docker.io is docker.io.
+        let r = mirror("index.docker.io");
+        assert!(r.target("index.docker.io/team/app").is_none());
+        // A tag or digest never takes part in the path match.
+        let r = mirror("reg.example/app:v1");
+        assert!(r.target("reg.example/app:v1").is_none());
+        let r = mirror("reg.example/app");
+        assert!(r.target("reg.example/app:v1").is_some());
+        assert!(r
+            .target("reg.example/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+            .is_some());
+        // A digest containerd would refuse is never matched.
+        assert!(r
+            .target("reg.example/app@sha256:0123456789abcdef0123456789abcdef")
             .is_none());
     }
 }
