@@ -99,7 +99,8 @@ impl Pattern {
     }
 
     /// Whether the image `domain` (host with optional port) and `path` (the
-    /// repository path with tag, as kubelet compares it) match this pattern.
+    /// normalised repository path, without tag or digest, as kubelet's
+    /// keyring compares it) match this pattern.
     pub fn matches(&self, domain: &str, path: &str) -> bool {
         if port_of(domain) != self.port.as_deref() {
             return false;

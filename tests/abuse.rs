@@ -104,20 +104,19 @@ fn flood(s: &mut UnixStream, mut next: impl FnMut(u64) -> Option<Vec<u8>>) -> u6
     n
 }
 
-/// Reads what the daemon sent until it closes the connection (or 10 s
-/// pass) and returns the GOAWAY error code, if it sent one.
-fn goaway_code(s: &mut UnixStream) -> Option<u32> {
-    let _ = s.shutdown(std::net::Shutdown::Write);
+/// Reads the frames the daemon sends, handing each to `on_frame` (type,
+/// flags, stream, payload) until it returns false, the daemon closes the
+/// connection, or 10 s pass without a byte.
+fn read_frames(s: &mut UnixStream, mut on_frame: impl FnMut(u8, u8, u32, &[u8]) -> bool) {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
-    let mut code = None;
     loop {
         match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
-        // Parse whole frames; keep a partial one for the next read.
+        // Whole frames; a partial one waits for the next read.
         let mut at = 0;
         while buf.len() - at >= 9 {
             let len = (usize::from(buf[at]) << 16)
@@ -126,15 +125,52 @@ fn goaway_code(s: &mut UnixStream) -> Option<u32> {
             if buf.len() - at < 9 + len {
                 break;
             }
-            if buf[at + 3] == GOAWAY && len >= 8 {
-                let p = &buf[at + 9..at + 17];
-                code = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+            let stream = u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]])
+                & 0x7fff_ffff;
+            if !on_frame(buf[at + 3], buf[at + 4], stream, &buf[at + 9..at + 9 + len]) {
+                return;
             }
             at += 9 + len;
         }
         buf.drain(..at);
     }
+}
+
+/// Reads what the daemon sent until it closes the connection (or 10 s
+/// pass) and returns the GOAWAY error code, if it sent one.
+fn goaway_code(s: &mut UnixStream) -> Option<u32> {
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut code = None;
+    read_frames(s, |kind, _, _, p| {
+        if kind == GOAWAY && p.len() >= 8 {
+            code = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        true
+    });
     code
+}
+
+/// Frames on `stream` until it ends or is reset: their types, and the
+/// RST_STREAM code if it was reset.
+fn frames_of(s: &mut UnixStream, stream: u32) -> (Vec<u8>, Option<u32>) {
+    let (mut kinds, mut reset, mut ended) = (Vec::new(), None, false);
+    read_frames(s, |kind, flags, id, p| {
+        if id != stream {
+            return true;
+        }
+        kinds.push(kind);
+        if kind == RST_STREAM {
+            reset = Some(u32::from_be_bytes([p[0], p[1], p[2], p[3]]));
+            return false;
+        }
+        ended = flags & END_STREAM != 0;
+        !ended
+    });
+    assert!(
+        ended || reset.is_some(),
+        "connection closed; stream {stream} saw {kinds:?}"
+    );
+    (kinds, reset)
 }
 
 struct Bench {
@@ -406,79 +442,19 @@ async fn ten_thousand_streams_at_once_are_refused_past_the_limit() {
 async fn the_attackers_request_is_a_valid_call() {
     let b = start().await;
     let socket = b.proxy.socket.clone();
-    let kinds = tokio::task::spawn_blocking(move || {
+    let (kinds, reset) = tokio::task::spawn_blocking(move || {
         let mut s = connect(&socket);
-        s.write_all(&frame(
-            HEADERS,
-            END_HEADERS,
-            1,
-            &request_headers("ImageFsInfo"),
-        ))
-        .unwrap();
+        let block = request_headers("ImageFsInfo");
+        s.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
+            .unwrap();
         s.write_all(&frame(DATA, END_STREAM, 1, &[0; 5])).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        // Frames on stream 1 until it ends.
-        let mut kinds = Vec::new();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        'read: while let Ok(n) = s.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            while buf.len() >= 9 {
-                let len =
-                    (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
-                }
-                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-                if stream == 1 {
-                    kinds.push(buf[3]);
-                    if buf[4] & END_STREAM != 0 || buf[3] == RST_STREAM {
-                        break 'read;
-                    }
-                }
-                buf.drain(..9 + len);
-            }
-        }
-        kinds
+        frames_of(&mut s, 1)
     })
     .await
     .unwrap();
+    assert_eq!(reset, None);
     // Headers, the answer's message, trailers.
     assert_eq!(kinds, [HEADERS, DATA, HEADERS]);
-}
-
-/// Frames on `stream` until it ends or is reset: their types, and the
-/// RST_STREAM code if it was reset.
-fn frames_of(s: &mut UnixStream, stream: u32) -> (Vec<u8>, Option<u32>) {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let (mut kinds, mut buf, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
-    loop {
-        let n = s.read(&mut chunk).unwrap();
-        assert!(n > 0, "connection closed; stream {stream} saw {kinds:?}");
-        buf.extend_from_slice(&chunk[..n]);
-        while buf.len() >= 9 {
-            let len =
-                (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-            if buf.len() < 9 + len {
-                break;
-            }
-            let id = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
-            if id == stream {
-                kinds.push(buf[3]);
-                if buf[3] == RST_STREAM {
-                    let p = &buf[9..13];
-                    return (kinds, Some(u32::from_be_bytes([p[0], p[1], p[2], p[3]])));
-                }
-                if buf[4] & END_STREAM != 0 {
-                    return (kinds, None);
-                }
-            }
-            buf.drain(..9 + len);
-        }
-    }
 }
 
 /// A caller that sends its socket path as `:authority` (grpc-go with a

@@ -115,20 +115,34 @@ async fn wrong_caller_password_succeeds_under_fallback_and_fails_under_keep() {
     assert_no_secrets(&replace.logs());
 }
 
-/// Manifest requests the registry saw for one direct pull of `image` with
-/// `auth`, and the pull's result: what one attempt costs the registry.
+/// Manifest requests the registry saw for one pull of `image` with `auth`
+/// through `channel`, and the pull's result: what one pull costs the
+/// registry.
+async fn counted_pull(
+    s: &Stack,
+    channel: tonic::transport::Channel,
+    repo: &str,
+    image: &str,
+    auth: Option<cri::AuthConfig>,
+) -> (usize, Result<String, tonic::Status>) {
+    let before = s.registry.manifest_requests(repo).len();
+    let result = pull(channel, image, auth).await;
+    (s.registry.manifest_requests(repo).len() - before, result)
+}
+
+/// [`counted_pull`] straight to containerd: what one attempt costs. The
+/// image is removed again afterwards.
 async fn one_direct_attempt(
     s: &Stack,
     repo: &str,
     image: &str,
     auth: Option<cri::AuthConfig>,
 ) -> (usize, Result<String, tonic::Status>) {
-    let before = s.registry.manifest_requests(repo).len();
-    let result = pull(s.direct(), image, auth).await;
+    let (requests, result) = counted_pull(s, s.direct(), repo, image, auth).await;
     if result.is_ok() {
         remove(s.direct(), image).await;
     }
-    (s.registry.manifest_requests(repo).len() - before, result)
+    (requests, result)
 }
 
 /// `fallback` with credentials the registry accepts: forwarded as they
@@ -143,15 +157,16 @@ async fn fallback_forwards_good_caller_credentials_and_fetches_no_token() {
     direct.expect("good credentials pull direct");
 
     let proxy = s.proxy("fallback", "");
-    let before = s.registry.manifest_requests("app").len();
-    pull(proxy.channel(), &image, creds("AWS", MOTO_PASSWORD))
-        .await
-        .expect("the caller's own credentials");
-    assert_eq!(
-        s.registry.manifest_requests("app").len() - before,
-        per_attempt,
-        "one attempt"
-    );
+    let (requests, result) = counted_pull(
+        &s,
+        proxy.channel(),
+        "app",
+        &image,
+        creds("AWS", MOTO_PASSWORD),
+    )
+    .await;
+    result.expect("the caller's own credentials");
+    assert_eq!(requests, per_attempt, "one attempt");
     assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 0);
     let logs = proxy.logs();
     assert!(logs.contains("credentials=\"caller\""), "{logs}");
@@ -174,12 +189,17 @@ async fn fallback_retries_a_refusal_exactly_once_with_the_token() {
     direct.expect("good credentials pull direct");
 
     let proxy = s.proxy("fallback", "");
-    let before = s.registry.manifest_requests("app").len();
-    pull(proxy.channel(), &image, creds("AWS", CALLER_PASSWORD))
-        .await
-        .expect("fallback to the ECR token");
+    let (requests, result) = counted_pull(
+        &s,
+        proxy.channel(),
+        "app",
+        &image,
+        creds("AWS", CALLER_PASSWORD),
+    )
+    .await;
+    result.expect("fallback to the ECR token");
     assert_eq!(
-        s.registry.manifest_requests("app").len() - before,
+        requests,
         refused + accepted,
         "one refused attempt, then one with the token"
     );
@@ -206,17 +226,18 @@ async fn fallback_does_not_retry_a_failure_that_is_not_a_refusal() {
     let direct = direct.expect_err("no such tag");
 
     let proxy = s.proxy("fallback", "");
-    let before = s.registry.manifest_requests("app").len();
-    let err = pull(proxy.channel(), &image, creds("AWS", MOTO_PASSWORD))
-        .await
-        .expect_err("no such tag");
+    let (requests, result) = counted_pull(
+        &s,
+        proxy.channel(),
+        "app",
+        &image,
+        creds("AWS", MOTO_PASSWORD),
+    )
+    .await;
+    let err = result.expect_err("no such tag");
     assert_eq!(err.code(), direct.code(), "{err:?}");
     assert!(err.message().contains("not found"), "{err:?}");
-    assert_eq!(
-        s.registry.manifest_requests("app").len() - before,
-        per_attempt,
-        "one attempt"
-    );
+    assert_eq!(requests, per_attempt, "one attempt");
     assert_eq!(s.moto.calls("GetAuthorizationToken", "us-east-1"), 0);
     let logs = proxy.logs();
     assert!(!logs.contains("retrying once with the ECR token"), "{logs}");

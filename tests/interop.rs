@@ -303,6 +303,39 @@ fn a_grpc_go_caller_rides_out_a_proxy_restart() {
     }
 }
 
+/// Runs `caller` on `socket` for `image` in `mode` (`cancel:MS`, `echo`)
+/// and returns its output; each line starts with a name.
+fn run_mode(caller: &[PathBuf], socket: &Path, image: &str, mode: &str) -> Lines {
+    let out = Command::new(&caller[0])
+        .args(&caller[1..])
+        .arg(socket)
+        .arg(image)
+        .arg(mode)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{caller:?} {mode} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Lines(stdout)
+}
+
+/// A caller's output.
+struct Lines(String);
+
+impl Lines {
+    /// The rest of the line that starts with `name`.
+    fn get(&self, name: &str) -> String {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no `{name}` line: {}", self.0))
+            .to_owned()
+    }
+}
+
 /// A pull cancelled mid-download by its caller (a pod deleted while its
 /// image pulls: kubelet cancels that one call, no deadline involved), on a
 /// connection that stays open: containerd stops the pull (the registry
@@ -328,36 +361,18 @@ fn a_cancelled_pull_stops_in_containerd(caller: &[PathBuf]) {
     relay.stall(true);
     let image = format!("{ECR_HOST}/big:v1");
     // The caller cancels after 4 s; by then the layer download is frozen.
-    let child = Command::new(&caller[0])
-        .args(&caller[1..])
-        .arg(&proxy.socket)
-        .arg(&image)
-        .arg("cancel:4000")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (caller_run, socket) = (caller.to_vec(), proxy.socket.clone());
+    let running = std::thread::spawn(move || run_mode(&caller_run, &socket, &image, "cancel:4000"));
     support::wait_until(
         Duration::from_secs(4),
         "the layer download to stall",
         || relay.stalled() > 0,
     );
     assert_eq!(relay.closed(), 0, "no download given up before the cancel");
-    let out = child.wait_with_output().unwrap();
+    let out = running.join().unwrap();
     let cancelled_at = Instant::now();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = |name: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no `{name}` line: {stdout}"))
-            .to_owned()
-    };
+    let stdout = &out.0;
+    let line = |name: &str| out.get(name);
     // (grpc-go spells it CANCELED.)
     assert!(
         ["CANCELLED", "CANCELED"].contains(&line("pull").as_str()),
@@ -400,27 +415,8 @@ fn a_grpc_c_core_callers_cancelled_pull_stops_in_containerd() {
 /// Runs `caller` in echo mode against `socket`: its `echo` and `stream`
 /// lines.
 fn run_echo(caller: &[PathBuf], socket: &Path) -> (String, String) {
-    let out = Command::new(&caller[0])
-        .args(&caller[1..])
-        .arg(socket)
-        .arg("registry.example/app:v1")
-        .arg("echo")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{caller:?} failed: {}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = |name: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no `{name}` line: {stdout}"))
-            .to_owned()
-    };
-    (line("echo"), line("stream"))
+    let out = run_mode(caller, socket, "registry.example/app:v1", "echo");
+    (out.get("echo"), out.get("stream"))
 }
 
 /// A message with a field no CRI version defines comes back byte for byte

@@ -168,7 +168,8 @@ where
         ));
         return pull.send(&parts, body, request_trailers).await;
     }
-    if info.has_credentials && policy == ExistingCredentials::Fallback {
+    // No credentials, policy `replace`, or `fallback` after a refusal.
+    let kind = if info.has_credentials && policy == ExistingCredentials::Fallback {
         *record = Some(PullRecord::new(
             &info.image,
             Some(&target),
@@ -193,21 +194,10 @@ where
             registry = %target.image_host,
             "registry refused the caller's credentials; retrying once with the ECR token"
         );
-        let kind = CredentialSourceKind::Fallback;
-        return pull
-            .with_token(
-                resolver,
-                &parts,
-                message,
-                &info.image,
-                &target,
-                kind,
-                record,
-            )
-            .await;
-    }
-    // No credentials, or policy `replace`.
-    let kind = CredentialSourceKind::Injected;
+        CredentialSourceKind::Fallback
+    } else {
+        CredentialSourceKind::Injected
+    };
     pull.with_token(
         resolver,
         &parts,
