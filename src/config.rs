@@ -41,6 +41,16 @@ pub const DEFAULT_EXISTING_CREDENTIALS: ExistingCredentials = ExistingCredential
 pub const DEFAULT_ECR_PUBLIC: bool = false;
 /// Largest gRPC message read (a PullImage request); kubelet's own limit.
 pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+/// Which sandbox (pause) image the daemon keeps present: learned from
+/// containerd.
+pub const DEFAULT_SANDBOX_IMAGE: &str = "auto";
+/// containerd's own config file, read for its sandbox image when its CRI
+/// status does not say (containerd 2.x). k3s keeps it under
+/// `/var/lib/rancher/k3s/agent/etc/containerd/config.toml`.
+pub const DEFAULT_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+/// How often the sandbox image's presence is checked (a cheap
+/// `ImageStatus`) besides at start and when containerd comes back.
+pub const DEFAULT_SANDBOX_CHECK_INTERVAL: Duration = Duration::from_secs(5 * 60);
 /// Name of the provider taken from a kubelet `CredentialProviderConfig`.
 pub const ECR_PROVIDER_NAME: &str = "ecr-credential-provider";
 
@@ -62,6 +72,9 @@ pub const CONFIG_KEYS: &[&str] = &[
     "token_wait",
     "ecr_public",
     "metrics_listen",
+    "sandbox_image",
+    "containerd_config",
+    "sandbox_check_interval",
     "registries",
     "registries.patterns",
     "registries.registry",
@@ -249,6 +262,10 @@ struct FileConfig {
     token_wait: Option<Duration>,
     ecr_public: Option<bool>,
     metrics_listen: Option<String>,
+    sandbox_image: Option<String>,
+    containerd_config: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    sandbox_check_interval: Option<Duration>,
     #[serde(default)]
     registries: Vec<FileRegistry>,
 }
@@ -325,8 +342,33 @@ pub struct Config {
     pub metrics_listen: Option<MetricsListen>,
     /// Credential injection settings.
     pub credentials: CredentialsConfig,
+    /// The sandbox (pause) image the daemon keeps present.
+    pub sandbox: SandboxConfig,
     /// The file this was read from, if any.
     pub source: Option<PathBuf>,
+}
+
+/// `sandbox_image`: which image, if any, the daemon keeps present.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SandboxImage {
+    /// Learn it from containerd (its CRI status, its config file, its
+    /// built-in default).
+    Auto,
+    /// Do not look after the sandbox image.
+    Off,
+    /// This reference.
+    Image(String),
+}
+
+/// Sandbox image settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// `sandbox_image`.
+    pub image: SandboxImage,
+    /// `containerd_config`: containerd's config file.
+    pub containerd_config: PathBuf,
+    /// `sandbox_check_interval`.
+    pub check_interval: Duration,
 }
 
 /// A configuration that cannot be used.
@@ -474,9 +516,43 @@ impl Config {
                 max_token_age,
                 ecr_public: file.ecr_public.unwrap_or(DEFAULT_ECR_PUBLIC),
             },
+            sandbox: sandbox_config(&file)?,
             source,
         })
     }
+}
+
+fn sandbox_config(file: &FileConfig) -> Result<SandboxConfig, ConfigError> {
+    let image = match file.sandbox_image.as_deref() {
+        None | Some("auto") => SandboxImage::Auto,
+        Some("off") => SandboxImage::Off,
+        Some(r) => {
+            if crate::image_ref::ImageRef::parse(r).is_none() {
+                return Err(invalid(
+                    "sandbox_image",
+                    format!("{r:?} is not an image reference; give one, \"auto\" or \"off\""),
+                ));
+            }
+            SandboxImage::Image(r.to_owned())
+        }
+    };
+    let check_interval = file
+        .sandbox_check_interval
+        .unwrap_or(DEFAULT_SANDBOX_CHECK_INTERVAL);
+    if check_interval.is_zero() {
+        return Err(invalid(
+            "sandbox_check_interval",
+            "must be longer than 0s, e.g. \"5m\"",
+        ));
+    }
+    Ok(SandboxConfig {
+        image,
+        containerd_config: file
+            .containerd_config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTAINERD_CONFIG)),
+        check_interval,
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -5,9 +5,10 @@
 //! service every call goes through, the shared h2 connection to
 //! containerd) → for `PullImage`, [`pull`] (wire-level read and rewrite,
 //! credential policy, matching through [`image_ref`] and [`matcher`]) →
-//! [`ecr`] (token cache and source) → back to the upstream. [`ops`] is the
-//! operator's side (metrics, health, `check`, reload); [`config`] is read
-//! and validated before anything is bound.
+//! [`ecr`] (token cache and source) → back to the upstream. [`sandbox`]
+//! keeps containerd's pause image present through the same service. [`ops`]
+//! is the operator's side (metrics, health, `check`, reload); [`config`] is
+//! read and validated before anything is bound.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod logging;
 pub mod matcher;
 pub mod ops;
 pub mod pull;
+pub mod sandbox;
 pub mod signal;
 pub mod transport;
 
@@ -90,6 +92,8 @@ pub async fn run(cli: config::Cli, config: Config) -> Result<(), RunError> {
         "listening"
     );
     transport::socket::notify_ready();
+    // The socket serves first; the sandbox image is looked after beside it.
+    tokio::spawn(sandbox::keep_present(proxy.clone(), config.sandbox.clone()));
     transport::server::serve(listening, proxy, shutdown, config.shutdown_grace).await;
     Ok(())
 }

@@ -51,6 +51,14 @@ fn check_passes_on_a_working_node_and_explains_the_image() {
     assert_no_secret_in(&out);
     assert!(!out.contains(MOTO_PASSWORD));
 
+    // containerd 1.6's own pause image: named in its CRI status, no ECR.
+    assert!(
+        out.contains("sandbox image")
+            && out.contains("registry.k8s.io/pause:3.6 (from containerd's CRI status)")
+            && out.contains("matches no pattern"),
+        "{out}"
+    );
+
     // An image that gets no token: the line says why, and it is not a problem.
     let other = format!("{ECR_HOST}.evil.example/app:v1");
     let (code, out) = check(&upstream, &other, &s.moto.env());
@@ -107,4 +115,21 @@ fn check_names_each_problem_on_one_line() {
         "{out}"
     );
     assert_eq!(out.lines().count(), 1, "{out}");
+}
+
+/// `check` shows a pause image in ECR: where it came from, that it gets a
+/// token, and whether containerd has it.
+#[test]
+fn check_shows_the_sandbox_image_its_source_and_presence() {
+    let pause = format!("{ECR_HOST}/eks/pause:3.9");
+    let s = Stack::with_sandbox_image(&[ECR_HOST], &pause);
+    let upstream = s.containerd.socket.to_str().unwrap().to_owned();
+    let (code, out) = check(&upstream, &format!("{ECR_HOST}/app:v1"), &s.moto.env());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{pause} (from containerd's CRI status); gets an ECR token"
+        )) && out.contains("not present"),
+        "{out}"
+    );
 }

@@ -102,6 +102,14 @@ fn readme_states_the_defaults_the_code_uses() {
             cache::RETRY_WHILE_WANTED.as_secs() / 60
         ),
         format!("`\"{}\"`", config::DEFAULT_EXISTING_CREDENTIALS),
+        format!("`\"{}\"`", config::DEFAULT_SANDBOX_IMAGE),
+        format!("`{}`", config::DEFAULT_CONTAINERD_CONFIG),
+        secs(config::DEFAULT_SANDBOX_CHECK_INTERVAL),
+        format!(
+            "from {} s doubling to {} minutes",
+            ecr_pull_proxy::sandbox::RETRY_MIN.as_secs(),
+            ecr_pull_proxy::sandbox::RETRY_MAX.as_secs() / 60
+        ),
         format!("{} bytes", config::MAX_MESSAGE_SIZE),
         format!("{} minutes", cache::EXPIRY_MARGIN.as_secs() / 60),
         format!("at most {} s", cache::EXPIRED_ON_ARRIVAL_TTL.as_secs()),

@@ -707,3 +707,103 @@ async fn the_readmes_pull_lines_have_the_shape_of_real_ones() {
         assert_eq!(shape(sample), shape(real), "README: {sample}\nreal: {real}");
     }
 }
+
+/// containerd pulls its pause image itself, with no credentials: one in
+/// private ECR never arrives on its own. The daemon learns it from
+/// containerd's CRI status and keeps it present: at start, after it is
+/// removed, and after containerd restarts without it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sandbox_image_in_private_ecr_is_kept_present() {
+    use support::real::{Containerd, Moto, Registry};
+    let dir = support::short_tempdir();
+    let moto = Moto::start(dir.path());
+    let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
+    registry.push_image("eks/pause", &["3.9"]);
+    let pause = format!("{ECR_HOST}/eks/pause:3.9");
+    let mut containerd = Containerd::start_with_sandbox_image(
+        dir.path(),
+        &[(ECR_HOST, registry.addr.as_str())],
+        Some(&pause),
+    );
+    let socket = containerd.socket.clone();
+    let direct = move || support::channel(&socket);
+    let has_pause = |channel| {
+        let pause = pause.clone();
+        async move {
+            client(channel)
+                .image_status(cri::ImageStatusRequest {
+                    image: Some(cri::ImageSpec {
+                        image: pause,
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                })
+                .await
+                .map(|r| r.into_inner().image.is_some())
+                .unwrap_or(false)
+        }
+    };
+    // containerd alone cannot get it: its pull is refused.
+    assert_refused(pull(direct(), &pause, None).await);
+    assert!(!has_pause(direct()).await);
+
+    let metrics = dir.path().join("m.sock");
+    let proxy = support::ProxyProcess::start(
+        dir.path(),
+        &containerd.socket,
+        support::ProxyOptions {
+            config: Some(&format!(
+                "sandbox_check_interval = \"2s\"\nmetrics_listen = \"unix:{}\"",
+                metrics.display()
+            )),
+            env: moto.env(),
+            ..Default::default()
+        },
+    );
+    let present_within = |what: &'static str| {
+        let has_pause = has_pause.clone();
+        let direct = direct.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !has_pause(direct()).await {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    present_within("the pause image at start").await;
+    let logs = proxy.logs();
+    assert!(logs.contains("looking after the sandbox image"), "{logs}");
+    assert!(logs.contains("containerd's CRI status"), "{logs}");
+
+    // Removed while the daemon runs: back on the next check.
+    remove(direct(), &pause).await;
+    assert!(!has_pause(direct()).await);
+    present_within("the pause image after it was removed").await;
+
+    // containerd restarted without it: back once containerd answers.
+    remove(direct(), &pause).await;
+    containerd.restart();
+    // kubelet's calls reach containerd through the proxy as it comes back.
+    let _ = client(proxy.channel())
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await;
+    present_within("the pause image after containerd restarted").await;
+
+    let scrape = {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(
+        scrape.contains("ecr_pull_proxy_sandbox_image_present 1"),
+        "{scrape}"
+    );
+    let ok_pulls =
+        sample(&scrape, "ecr_pull_proxy_sandbox_pulls_total{result=\"ok\"}").unwrap_or(0.0);
+    assert!(ok_pulls >= 3.0, "{scrape}");
+    assert_no_secrets(&proxy.logs());
+}

@@ -167,11 +167,12 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 }
 
 /// The series names a running daemon serves once it has done its work (a
-/// pull through it with an ECR token: families without a sample are not
-/// exported), from its `# TYPE` lines.
+/// pull through it with an ECR token, and its pause image pulled from ECR:
+/// families without a sample are not exported), from its `# TYPE` lines.
 async fn served_names() -> BTreeSet<String> {
-    let s = Stack::start(&[ECR_HOST]);
+    let s = Stack::with_sandbox_image(&[ECR_HOST], &format!("{ECR_HOST}/eks/pause:3.9"));
     s.registry.push_image("app", &["v1"]);
+    s.registry.push_image("eks/pause", &["3.9"]);
     let metrics = s.dir.path().join("m.sock");
     let proxy = s.proxy(
         "p",
@@ -180,10 +181,20 @@ async fn served_names() -> BTreeSet<String> {
     pull(proxy.channel(), &format!("{ECR_HOST}/app:v1"), None)
         .await
         .expect("a pull with the ECR token");
-    let mut conn = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
-    write!(conn, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    conn.read_to_string(&mut out).unwrap();
+    let scrape = || {
+        let mut conn = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
+        write!(conn, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        conn.read_to_string(&mut out).unwrap();
+        out
+    };
+    // The pause image is pulled beside the socket, soon after start.
+    support::wait_until(
+        std::time::Duration::from_secs(20),
+        "the pause image pull",
+        || scrape().contains("ecr_pull_proxy_sandbox_pulls_total"),
+    );
+    let out = scrape();
     let mut names = BTreeSet::new();
     for line in out.lines() {
         let Some(decl) = line.strip_prefix("# TYPE ") else {

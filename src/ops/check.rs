@@ -102,10 +102,13 @@ pub async fn run(config: &Config, image: Option<&str>) -> Report {
 
     let upstream = Upstream::new(&config.upstream, Default::default());
     match upstream.probe().await {
-        Ok(()) => r.line(
-            "upstream",
-            format!("{}: answers ImageFsInfo", config.upstream.display()),
-        ),
+        Ok(()) => {
+            r.line(
+                "upstream",
+                format!("{}: answers ImageFsInfo", config.upstream.display()),
+            );
+            sandbox_check(&mut r, config, &upstream).await;
+        }
         Err(e) => {
             r.line(
                 "upstream",
@@ -201,9 +204,44 @@ fn provider_name(creds: &aws_credential_types::Credentials) -> String {
         .unwrap_or_else(|| "an unnamed provider".into())
 }
 
-async fn image_check(r: &mut Report, config: &Config, image: &str) {
+/// A resolver for matching only (it never fetches).
+fn matcher_only(config: &Config) -> Resolver {
     let cache = crate::ecr::TokenCache::new(Arc::new(NoSource), None, Arc::new(Metrics::new()));
-    let resolver = Resolver::new(config.credentials.clone(), cache);
+    Resolver::new(config.credentials.clone(), cache)
+}
+
+/// The sandbox (pause) image: which, from where, whether it gets a token,
+/// whether containerd has it.
+async fn sandbox_check(r: &mut Report, config: &Config, upstream: &Arc<Upstream>) {
+    match crate::sandbox::discover(upstream, &config.sandbox).await {
+        Ok(None) => r.line(
+            "sandbox image",
+            "not looked after (sandbox_image = \"off\")",
+        ),
+        Ok(Some((image, source))) => {
+            let matching = match matcher_only(config).target(&image) {
+                Some(t) => format!("gets an ECR token (pattern {:?})", t.pattern),
+                None => "matches no pattern: containerd pulls it with its own credentials".into(),
+            };
+            let present = match crate::sandbox::present(upstream, &image).await {
+                Ok(true) => "present".to_owned(),
+                Ok(false) => "not present".to_owned(),
+                Err(e) => format!("presence unknown: {e}"),
+            };
+            r.line(
+                "sandbox image",
+                format!("{image} (from {source}); {matching}; {present}"),
+            );
+        }
+        Err(e) => {
+            r.line("sandbox image", "unknown");
+            r.problems.push(format!("sandbox image: {e}"));
+        }
+    }
+}
+
+async fn image_check(r: &mut Report, config: &Config, image: &str) {
+    let resolver = matcher_only(config);
     let Some(target) = resolver.target(image) else {
         let why = resolver.why_not(image).unwrap_or_default();
         r.line("image", format!("{image}: no token: {why}"));

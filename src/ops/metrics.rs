@@ -33,6 +33,8 @@ pub const FAMILIES: &[&str] = &[
     "ecr_pull_proxy_aws_call_duration_seconds",
     "ecr_pull_proxy_token_expiry_seconds",
     "ecr_pull_proxy_upstream_up",
+    "ecr_pull_proxy_sandbox_image_present",
+    "ecr_pull_proxy_sandbox_pulls_total",
     "ecr_pull_proxy_build_info",
 ];
 
@@ -124,6 +126,13 @@ pub struct AwsLabels {
     pub code: String,
 }
 
+/// Labels of `sandbox_pulls_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SandboxLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
 /// Labels of `aws_call_duration_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -182,6 +191,10 @@ pub struct Metrics {
     pub token_expiry: Family<TokenLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// 1 while the upstream connection is up.
     pub upstream_up: Gauge,
+    /// 1 while the sandbox image the daemon looks after is present.
+    pub sandbox_present: Gauge,
+    /// Pulls of the sandbox image the daemon made, by result.
+    pub sandbox_pulls: Family<SandboxLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -256,6 +269,18 @@ impl Metrics {
             "1 while the connection to the upstream socket is up",
             upstream_up.clone(),
         );
+        let sandbox_present = Gauge::default();
+        registry.register(
+            "sandbox_image_present",
+            "1 while the sandbox (pause) image the daemon looks after is present in containerd",
+            sandbox_present.clone(),
+        );
+        let sandbox_pulls = Family::<SandboxLabels, Counter>::default();
+        registry.register(
+            "sandbox_pulls",
+            "Pulls of the sandbox (pause) image the daemon made, by result",
+            sandbox_pulls.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -275,6 +300,8 @@ impl Metrics {
             aws_duration,
             token_expiry,
             upstream_up,
+            sandbox_present,
+            sandbox_pulls,
         }
     }
 
@@ -371,6 +398,9 @@ mod tests {
             })
             .inc();
         m.cache_hits.inc();
+        m.sandbox_pulls
+            .get_or_create(&SandboxLabels { result: "ok" })
+            .inc();
         m.token_expiry
             .get_or_create(&TokenLabels {
                 service: "ecr",

@@ -65,6 +65,15 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     diff("log_level", old.log_level != new.log_level);
     diff("log_format", old.log_format != new.log_format);
     diff("metrics_listen", old.metrics_listen != new.metrics_listen);
+    diff("sandbox_image", old.sandbox.image != new.sandbox.image);
+    diff(
+        "containerd_config",
+        old.sandbox.containerd_config != new.sandbox.containerd_config,
+    );
+    diff(
+        "sandbox_check_interval",
+        old.sandbox.check_interval != new.sandbox.check_interval,
+    );
     diff(
         "aws_timeout",
         old.credentials.aws_timeout != new.credentials.aws_timeout,

@@ -44,6 +44,7 @@ pub struct Upstream {
     dialling: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     up: Gauge,
+    back: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -73,12 +74,19 @@ impl Upstream {
             dialling: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
             up,
+            back: tokio::sync::Notify::new(),
         })
     }
 
     /// The upstream socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Resolves the next time the upstream answers again after it was
+    /// unreachable (containerd restarted).
+    pub fn answers_again(&self) -> tokio::sync::futures::Notified<'_> {
+        self.back.notified()
     }
 
     fn unavailable(&self, source: BoxError) -> ProxyError {
@@ -138,6 +146,7 @@ impl Upstream {
                 self.up.set(1);
                 if std::mem::take(&mut state.down) {
                     tracing::info!(upstream = %self.path.display(), "upstream answers again");
+                    self.back.notify_waiters();
                 } else {
                     tracing::debug!(upstream = %self.path.display(), "dialled upstream");
                 }

@@ -294,6 +294,16 @@ impl Containerd {
     /// Starts containerd in `dir`; each `(host, registry_addr)` gets a
     /// `hosts.toml` sending pulls for `host` to the registry over plain HTTP.
     pub fn start(dir: &Path, mirrors: &[(&str, &str)]) -> Self {
+        Self::start_with_sandbox_image(dir, mirrors, None)
+    }
+
+    /// As [`Containerd::start`], with `sandbox_image` set in its CRI config
+    /// (the pause image it pulls itself for every pod).
+    pub fn start_with_sandbox_image(
+        dir: &Path,
+        mirrors: &[(&str, &str)],
+        sandbox_image: Option<&str>,
+    ) -> Self {
         require("runc", "the Debian package runc");
         let dir = dir.join("ctd");
         std::fs::create_dir_all(&dir).unwrap();
@@ -321,6 +331,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 [metrics]
   address = ""
 [plugins."io.containerd.grpc.v1.cri"]
+  {sandbox}
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
@@ -333,6 +344,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             state = dir.join("state").display(),
             sock = socket.display(),
             certs = dir.join("certs.d").display(),
+            sandbox = sandbox_image
+                .map(|i| format!("sandbox_image = \"{i}\""))
+                .unwrap_or_default(),
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let mut c = Containerd {

@@ -30,15 +30,25 @@ impl Stack {
         Self::with_password(hosts, MOTO_PASSWORD)
     }
 
+    /// As `start`, with containerd's CRI config naming `sandbox_image` as
+    /// its pause image.
+    pub fn with_sandbox_image(hosts: &[&str], sandbox_image: &str) -> Stack {
+        Self::build(hosts, MOTO_PASSWORD, Some(sandbox_image))
+    }
+
     /// As `start`, with a registry that accepts `AWS`/`password`.
     pub fn with_password(hosts: &[&str], password: &str) -> Stack {
+        Self::build(hosts, password, None)
+    }
+
+    fn build(hosts: &[&str], password: &str, sandbox_image: Option<&str>) -> Stack {
         let dir = super::short_tempdir();
         let moto = Moto::start(dir.path());
         let registry = Registry::start(dir.path(), "AWS", password);
         let mut mirrors: Vec<(&str, &str)> =
             hosts.iter().map(|h| (*h, registry.addr.as_str())).collect();
         mirrors.push((registry.addr.as_str(), registry.addr.as_str()));
-        let containerd = Containerd::start(dir.path(), &mirrors);
+        let containerd = Containerd::start_with_sandbox_image(dir.path(), &mirrors, sandbox_image);
         Stack {
             dir,
             registry,
