@@ -82,8 +82,6 @@ pub fn builtin_default(containerd_version: &str) -> Option<&'static str> {
         "registry.k8s.io/pause:3.6"
     } else if v.starts_with("1.7") {
         "registry.k8s.io/pause:3.8"
-    } else if v.starts_with("2.0") {
-        "registry.k8s.io/pause:3.10"
     } else if v.starts_with("2.") {
         "registry.k8s.io/pause:3.10"
     } else {
