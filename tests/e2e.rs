@@ -761,7 +761,6 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
         },
     );
     let present_within = |what: &'static str| {
-        let has_pause = has_pause.clone();
         let direct = direct.clone();
         async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
