@@ -789,7 +789,7 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
         .await;
     present_within("the pause image after containerd restarted").await;
 
-    let scrape = {
+    let scrape = || {
         use std::io::{Read, Write};
         let mut s = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
         write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
@@ -797,12 +797,15 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
         s.read_to_string(&mut out).unwrap();
         out
     };
-    assert!(
-        scrape.contains("ecr_pull_proxy_sandbox_image_present 1"),
-        "{scrape}"
-    );
-    let ok_pulls =
-        sample(&scrape, "ecr_pull_proxy_sandbox_pulls_total{result=\"ok\"}").unwrap_or(0.0);
-    assert!(ok_pulls >= 3.0, "{scrape}");
+    // containerd lists the image a moment before the daemon's pull returns.
+    let counted = |out: &str| {
+        out.contains("ecr_pull_proxy_sandbox_image_present 1")
+            && sample(out, "ecr_pull_proxy_sandbox_pulls_total{result=\"ok\"}").unwrap_or(0.0)
+                >= 3.0
+    };
+    support::eventually(Duration::from_secs(10), "three pulls counted", || {
+        counted(&scrape())
+    })
+    .await;
     assert_no_secrets(&proxy.logs());
 }
