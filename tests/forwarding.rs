@@ -1199,3 +1199,91 @@ async fn a_connection_the_upstream_closed_answers_unavailable_and_pings() {
     assert!(!logs.contains("closed a client connection"), "{logs}");
     assert!(!client_saw_goaway(&client).await);
 }
+
+/// 1,000 client connections, each dropped with a call in flight: every
+/// upstream call is cancelled (so no task of the daemon still holds one),
+/// and the daemon's descriptors are back to what they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_connections_dropped_mid_call_leave_nothing_behind() {
+    const CONNECTIONS: usize = 1000;
+    let s = setup().await;
+    raw::image_fs_info(s.proxy.channel()).await.unwrap();
+    let fds_before = s.proxy.fds();
+    for batch in 0..10 {
+        let mut clients = Vec::new();
+        for _ in 0..CONNECTIONS / 10 {
+            let client = raw_h2_client(&s.proxy.socket).await;
+            let req = http::Request::post("http://localhost/runtime.v1.ImageService/ImageStatus")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .header("x-script", "hang")
+                .body(())
+                .unwrap();
+            let mut send = client.send.clone().ready().await.unwrap();
+            let (resp, mut body) = send.send_request(req, false).unwrap();
+            body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+                .unwrap();
+            clients.push((client, resp, body));
+        }
+        let want = (batch + 1) * CONNECTIONS / 10;
+        support::eventually(
+            Duration::from_secs(20),
+            "the calls to reach the upstream",
+            || s.upstream.calls().len() > want,
+        )
+        .await;
+        drop(clients);
+    }
+    let calls = s.upstream.calls();
+    let hung: Vec<_> = calls
+        .iter()
+        .filter(|c| c.path.ends_with("/ImageStatus"))
+        .collect();
+    assert_eq!(hung.len(), CONNECTIONS);
+    support::eventually(
+        Duration::from_secs(20),
+        "every upstream call cancelled",
+        || hung.iter().all(|c| c.cancelled.load(Ordering::SeqCst)),
+    )
+    .await;
+    support::eventually(Duration::from_secs(20), "descriptors back to idle", || {
+        s.proxy.fds() <= fds_before
+    })
+    .await;
+    raw::image_fs_info(s.proxy.channel())
+        .await
+        .expect("still serving");
+}
+
+/// An upstream that answers with malformed HTTP/2 (garbage after its
+/// preface): the call gets Unavailable naming the socket, the caller's
+/// connection stays, and once a sound upstream listens the same
+/// connection is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_frames_from_the_upstream_fail_that_call_not_the_connection() {
+    let dir = support::short_tempdir();
+    let sock = dir.path().join("up.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let broken = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut io, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = io.read(&mut buf);
+        // An empty SETTINGS (a valid server preface), then a DATA frame on
+        // stream 0: a connection error in HTTP/2.
+        let _ = io.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let _ = io.write_all(&[0, 0, 3, 0, 0, 0, 0, 0, 0, b'b', b'a', b'd']);
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
+    let client = raw_h2_client(&proxy.socket).await;
+    let (code, message) = raw_call(&client, "ImageFsInfo").await;
+    assert_eq!(code, "14", "{message}");
+    assert!(message.contains(sock.to_str().unwrap()), "{message}");
+    broken.join().unwrap();
+    std::fs::remove_file(&sock).unwrap();
+    let _upstream = ScriptedUpstream::start(&sock).await;
+    let (code, message) = raw_call(&client, "ImageFsInfo").await;
+    assert_eq!(code, "0", "{message}");
+    assert!(!client_saw_goaway(&client).await);
+}
