@@ -753,7 +753,7 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
         &containerd.socket,
         support::ProxyOptions {
             config: Some(&format!(
-                "sandbox_check_interval = \"2s\"\nmetrics_listen = \"unix:{}\"",
+                "sandbox_image = \"auto\"\nsandbox_check_interval = \"2s\"\nmetrics_listen = \"unix:{}\"",
                 metrics.display()
             )),
             env: moto.env(),

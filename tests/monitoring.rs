@@ -176,7 +176,10 @@ async fn served_names() -> BTreeSet<String> {
     let metrics = s.dir.path().join("m.sock");
     let proxy = s.proxy(
         "p",
-        &format!("metrics_listen = \"unix:{}\"", metrics.display()),
+        &format!(
+            "sandbox_image = \"auto\"\nmetrics_listen = \"unix:{}\"",
+            metrics.display()
+        ),
     );
     pull(proxy.channel(), &format!("{ECR_HOST}/app:v1"), None)
         .await
