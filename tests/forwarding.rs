@@ -714,10 +714,9 @@ fn padded(message: &[u8], pad: usize) -> Bytes {
     msg.into()
 }
 
-/// PullImage answers are written by the proxy itself into the caller's
-/// connection, next to the upstream's own DATA. With the smallest windows
-/// HTTP/2 allows, a window count that is off by a byte either overruns the
-/// caller (FLOW_CONTROL_ERROR) or starves the connection (a stall).
+/// Pull answers and a big answer share a caller's connection with the
+/// smallest windows HTTP/2 allows: nothing overruns the caller
+/// (FLOW_CONTROL_ERROR) or starves the connection (a stall).
 #[tokio::test]
 async fn pull_answers_and_a_big_answer_share_a_small_client_window() {
     let s = setup().await;
@@ -812,10 +811,10 @@ fn cpu_time(pid: i32) -> Duration {
     Duration::from_nanos(stat.split_whitespace().next().unwrap().parse().unwrap())
 }
 
-/// The relay watches a socket for room to write only while bytes wait for
-/// it. A caller that stops reading fills its socket; the relay then waits
-/// (it does not spin on the full socket) and passes the rest on once the
-/// caller reads again, nothing lost.
+/// A caller that stops reading fills its socket; the daemon then waits (it
+/// does not spin on the full socket: h2 holds the answer under flow
+/// control) and passes the rest on once the caller reads again, nothing
+/// lost.
 #[tokio::test]
 async fn a_caller_that_stops_reading_gets_the_whole_answer_when_it_reads_again() {
     let s = setup().await;
@@ -846,7 +845,7 @@ async fn a_caller_that_stops_reading_gets_the_whole_answer_when_it_reads_again()
     let waiting = cpu_time(s.proxy.pid()) - cpu_before;
     assert!(
         waiting < pause / 10,
-        "the relay used {waiting:?} of CPU in {:?} waiting for a full socket",
+        "the daemon used {waiting:?} of CPU in {:?} waiting for a full socket",
         pause / 2
     );
     let resp = tokio::time::timeout(Duration::from_secs(30), call)
@@ -1033,9 +1032,9 @@ async fn client_saw_goaway(client: &RawClient) -> bool {
 }
 
 /// containerd stopping gracefully (`systemctl restart containerd`) while a
-/// pull is in flight: its final GOAWAY names the last stream it saw, which
-/// is below the pull's stream (the pull went to the proxy's own upstream
-/// connection). The pull must not be refused to the caller for that.
+/// pull is in flight: its GOAWAY lets the streams it accepted finish, so
+/// the pull is answered, not refused, and the next call goes to a new
+/// upstream connection.
 #[tokio::test]
 async fn a_pull_in_flight_survives_the_upstream_going_away_gracefully() {
     let dir = support::short_tempdir();
@@ -1079,7 +1078,7 @@ async fn a_pull_in_flight_survives_the_upstream_going_away_gracefully() {
     });
     let proxy = ProxyProcess::start(dir.path(), &sock, ProxyOptions::default());
     let channel = proxy.channel();
-    // Stream 1 on the relayed connection reaches containerd...
+    // Stream 1 reaches the upstream...
     let status = tokio::spawn(raw::unary(
         channel.clone(),
         "/runtime.v1.ImageService/ImageStatus",
@@ -1088,7 +1087,7 @@ async fn a_pull_in_flight_survives_the_upstream_going_away_gracefully() {
     tokio::time::timeout(Duration::from_secs(10), status_arrived.notified())
         .await
         .expect("ImageStatus reaches the upstream");
-    // ...stream 3, the pull, goes to the proxy's own connection.
+    // ...stream 3, the pull, follows on the same upstream connection.
     let pull = raw::unary(
         channel.clone(),
         "/runtime.v1.ImageService/PullImage",
