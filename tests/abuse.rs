@@ -203,10 +203,7 @@ async fn start() -> Bench {
 
 impl Bench {
     fn upstream_up(&self) -> String {
-        let mut s = UnixStream::connect(&self.metrics).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        let out = support::get_unix(&self.metrics, "/metrics");
         out.lines()
             .find(|l| l.starts_with("ecr_pull_proxy_upstream_up "))
             .unwrap_or_else(|| panic!("no upstream_up in\n{out}"))

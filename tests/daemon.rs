@@ -282,7 +282,6 @@ fn json_logs_are_one_object_per_line() {
 // upstream, which runs on the test's runtime.
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_endpoint_on_a_unix_socket_is_private_and_answers() {
-    use std::io::{Read, Write};
     let dir = support::short_tempdir();
     let upstream = ScriptedUpstream::start(&dir.path().join("up.sock")).await;
     let metrics = dir.path().join("m.sock");
@@ -296,13 +295,7 @@ async fn metrics_endpoint_on_a_unix_socket_is_private_and_answers() {
         },
     );
     assert_eq!(mode(&metrics), 0o660);
-    let get = |path: &str| {
-        let mut s = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
+    let get = |path: &str| support::get_unix(&metrics, path);
     assert!(
         get("/healthz").starts_with("HTTP/1.0 200"),
         "{}",

@@ -789,14 +789,7 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
         .await;
     present_within("the pause image after containerd restarted").await;
 
-    let scrape = || {
-        use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    };
+    let scrape = || support::get_unix(&metrics, "/metrics");
     // containerd lists the image a moment before the daemon's pull returns.
     let counted = |out: &str| {
         out.contains("ecr_pull_proxy_sandbox_image_present 1")

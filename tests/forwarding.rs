@@ -314,6 +314,16 @@ async fn client_deadline_reaches_upstream_as_grpc_timeout() {
     assert!(timeout.starts_with('7'), "{timeout}");
 }
 
+/// A request for `method` that the scripted upstream never answers.
+fn hanging(method: &str) -> http::Request<()> {
+    http::Request::post(format!("http://localhost/runtime.v1.ImageService/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-script", "hang")
+        .body(())
+        .unwrap()
+}
+
 /// One call reset by its caller (RST_STREAM, no `grpc-timeout`) on a
 /// connection that stays open, as kubelet cancels a pull when its pod is
 /// deleted: the upstream sees that call cancelled, and a second call on the
@@ -321,14 +331,8 @@ async fn client_deadline_reaches_upstream_as_grpc_timeout() {
 async fn a_reset_call_is_cancelled_upstream_and_its_neighbour_completes(method: &str) {
     let s = setup().await;
     let client = raw_h2_client(&s.proxy.socket).await;
-    let req = http::Request::post(format!("http://localhost/runtime.v1.ImageService/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("x-script", "hang")
-        .body(())
-        .unwrap();
     let mut send = client.send.clone().ready().await.unwrap();
-    let (hung, mut hung_body) = send.send_request(req, false).unwrap();
+    let (hung, mut hung_body) = send.send_request(hanging(method), false).unwrap();
     hung_body
         .send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
         .unwrap();
@@ -646,7 +650,6 @@ async fn calls_still_running_after_the_grace_period_are_cut_and_the_exit_is_clea
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_stream_reset_fails_that_call_only() {
-    use std::io::{Read, Write};
     let dir = support::short_tempdir();
     // An HTTP/2 upstream that refuses every ImageStatus stream with
     // RST_STREAM and answers everything else with an empty OK message.
@@ -671,10 +674,7 @@ async fn an_upstream_stream_reset_fails_that_call_only() {
         },
     );
     let up = || {
-        let mut s = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
+        let out = support::get_unix(&metrics, "/metrics");
         out.lines()
             .find(|l| l.starts_with("ecr_pull_proxy_upstream_up "))
             .map(str::to_owned)
@@ -1212,14 +1212,8 @@ async fn a_thousand_connections_dropped_mid_call_leave_nothing_behind() {
         let mut clients = Vec::new();
         for _ in 0..CONNECTIONS / 10 {
             let client = raw_h2_client(&s.proxy.socket).await;
-            let req = http::Request::post("http://localhost/runtime.v1.ImageService/ImageStatus")
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .header("x-script", "hang")
-                .body(())
-                .unwrap();
             let mut send = client.send.clone().ready().await.unwrap();
-            let (resp, mut body) = send.send_request(req, false).unwrap();
+            let (resp, mut body) = send.send_request(hanging("ImageStatus"), false).unwrap();
             body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
                 .unwrap();
             clients.push((client, resp, body));

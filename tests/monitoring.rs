@@ -7,7 +7,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -184,13 +183,7 @@ async fn served_names() -> BTreeSet<String> {
     pull(proxy.channel(), &format!("{ECR_HOST}/app:v1"), None)
         .await
         .expect("a pull with the ECR token");
-    let scrape = || {
-        let mut conn = std::os::unix::net::UnixStream::connect(&metrics).unwrap();
-        write!(conn, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut out = String::new();
-        conn.read_to_string(&mut out).unwrap();
-        out
-    };
+    let scrape = || support::get_unix(&metrics, "/metrics");
     // The pause image is pulled beside the socket, soon after start.
     support::wait_until(
         std::time::Duration::from_secs(20),

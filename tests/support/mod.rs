@@ -62,6 +62,17 @@ pub async fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bo
     }
 }
 
+/// `GET path` over HTTP/1.0 on a Unix socket (the metrics endpoint):
+/// the whole answer, head and body.
+pub fn get_unix(socket: &Path, path: &str) -> String {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// A gRPC channel over a Unix socket, dialled lazily.
 pub fn channel(path: &Path) -> Channel {
     let path = path.to_owned();
