@@ -32,18 +32,7 @@ fn run_client(
     socket: &Path,
     image: &str,
 ) -> (HashMap<String, (String, String)>, String) {
-    let out = Command::new(&caller[0])
-        .args(&caller[1..])
-        .arg(socket)
-        .arg(image)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{caller:?} failed: {}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let Lines(stdout) = run_mode(caller, socket, image, &[]);
     let mut calls = HashMap::new();
     let mut concurrent = String::new();
     for line in stdout.lines() {
@@ -303,20 +292,21 @@ fn a_grpc_go_caller_rides_out_a_proxy_restart() {
     }
 }
 
-/// Runs `caller` on `socket` for `image` in `mode` (`cancel:MS`, `echo`)
-/// and returns its output; each line starts with a name.
-fn run_mode(caller: &[PathBuf], socket: &Path, image: &str, mode: &str) -> Lines {
+/// Runs `caller` on `socket` for `image`, in `mode` if one is given
+/// (`cancel:MS`, `echo`), and returns its output; each line starts with a
+/// name.
+fn run_mode(caller: &[PathBuf], socket: &Path, image: &str, mode: &[&str]) -> Lines {
     let out = Command::new(&caller[0])
         .args(&caller[1..])
         .arg(socket)
         .arg(image)
-        .arg(mode)
+        .args(mode)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{caller:?} {mode} failed: {}{stdout}",
+        "{caller:?} {mode:?} failed: {}{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
     Lines(stdout)
@@ -362,7 +352,8 @@ fn a_cancelled_pull_stops_in_containerd(caller: &[PathBuf]) {
     let image = format!("{ECR_HOST}/big:v1");
     // The caller cancels after 4 s; by then the layer download is frozen.
     let (caller_run, socket) = (caller.to_vec(), proxy.socket.clone());
-    let running = std::thread::spawn(move || run_mode(&caller_run, &socket, &image, "cancel:4000"));
+    let running =
+        std::thread::spawn(move || run_mode(&caller_run, &socket, &image, &["cancel:4000"]));
     support::wait_until(
         Duration::from_secs(4),
         "the layer download to stall",
@@ -415,7 +406,7 @@ fn a_grpc_c_core_callers_cancelled_pull_stops_in_containerd() {
 /// Runs `caller` in echo mode against `socket`: its `echo` and `stream`
 /// lines.
 fn run_echo(caller: &[PathBuf], socket: &Path) -> (String, String) {
-    let out = run_mode(caller, socket, "registry.example/app:v1", "echo");
+    let out = run_mode(caller, socket, "registry.example/app:v1", &["echo"]);
     (out.get("echo"), out.get("stream"))
 }
 

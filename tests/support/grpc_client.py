@@ -51,6 +51,16 @@ def call(channel, method, body):
         return e.code().name, e.details(), b""
 
 
+def count_ready(channel):
+    """A list that grows by one each time `channel` becomes ready."""
+    ready = []
+    channel.subscribe(
+        lambda state: ready.append(1) if state == grpc.ChannelConnectivity.READY else None,
+        try_to_connect=True,
+    )
+    return ready
+
+
 def watch(channel, seconds):
     stop = threading.Event()
 
@@ -59,11 +69,7 @@ def watch(channel, seconds):
         stop.set()
 
     threading.Thread(target=wait_for_stdin, daemon=True).start()
-    ready = []
-    channel.subscribe(
-        lambda state: ready.append(1) if state == grpc.ChannelConnectivity.READY else None,
-        try_to_connect=True,
-    )
+    ready = count_ready(channel)
     rpc = channel.unary_unary(
         "/runtime.v1.ImageService/ImageFsInfo",
         request_serializer=None,
@@ -82,11 +88,7 @@ def watch(channel, seconds):
 
 
 def cancel_pull(channel, spec, wait):
-    ready = []
-    channel.subscribe(
-        lambda state: ready.append(1) if state == grpc.ChannelConnectivity.READY else None,
-        try_to_connect=True,
-    )
+    ready = count_ready(channel)
     pull = channel.unary_unary(
         "/runtime.v1.ImageService/PullImage",
         request_serializer=None,
