@@ -132,4 +132,5 @@ fn check_shows_the_sandbox_image_its_source_and_presence() {
         )) && out.contains("not present"),
         "{out}"
     );
+    assert_no_secret_in(&out);
 }
