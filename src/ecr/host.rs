@@ -280,7 +280,7 @@ mod tests {
                 .replacen('*', "123456789012", 1)
                 .replacen('*', "us-east-1", 1);
             let pat = crate::matcher::Pattern::new(p).unwrap();
-            assert!(pat.matches(&host, "app"), "{p}");
+            assert!(pat.matches(&format!("{host}/app")), "{p}");
             assert!(EcrHost::parse(&host).is_some(), "{host}");
         }
     }

@@ -65,9 +65,9 @@ impl Resolver {
     /// match.
     pub fn target(&self, image: &str) -> Option<Target> {
         let r = ImageRef::parse(image)?;
-        let path = match_path(&r);
+        let name = match_name(&r);
         for rule in &self.config.registries {
-            if let Some(p) = rule.patterns.iter().find(|p| p.matches(&r.domain, &path)) {
+            if let Some(p) = rule.patterns.iter().find(|p| p.matches(&name)) {
                 return Some(Target {
                     image_host: r.domain.clone(),
                     key: TokenKey::for_host(&rule.registry, rule.role.clone()),
@@ -86,11 +86,7 @@ impl Resolver {
                 anonymous_on_failure: true,
             });
         }
-        let p = self
-            .config
-            .ecr_patterns
-            .iter()
-            .find(|p| p.matches(&r.domain, &path))?;
+        let p = self.config.ecr_patterns.iter().find(|p| p.matches(&name))?;
         // The glob decides coverage; the host must also be a real ECR host
         // (12-digit account, a region), which rules out look-alikes.
         let host = EcrHost::parse(r.host())?;
@@ -117,13 +113,8 @@ impl Resolver {
                 r.domain
             ));
         }
-        let path = match_path(&r);
-        if let Some(p) = self
-            .config
-            .ecr_patterns
-            .iter()
-            .find(|p| p.matches(&r.domain, &path))
-        {
+        let name = match_name(&r);
+        if let Some(p) = self.config.ecr_patterns.iter().find(|p| p.matches(&name)) {
             return Some(format!(
                 "host {} matches pattern {:?} but is not an ECR registry host (a 12-digit account, dkr.ecr, a region)",
                 r.domain,
@@ -153,13 +144,11 @@ impl Resolver {
     }
 }
 
-/// What kubelet compares a pattern's path against: the image's path with
-/// its tag or digest (`URLsMatchStr` on the whole reference).
-/// What a pattern's path is matched against: the normalised repository
-/// name without tag or digest, as kubelet's keyring looks it up (the image
-/// manager's `Lookup(repoToPull)` after parsing the image).
-fn match_path(r: &ImageRef) -> String {
-    r.path.clone()
+/// What patterns are matched against: the normalised repository name
+/// without tag or digest (`docker.io/library/busybox`), as kubelet's image
+/// manager looks it up (`Lookup(repoToPull)` after parsing the image).
+fn match_name(r: &ImageRef) -> String {
+    format!("{}/{}", r.domain, r.path)
 }
 
 #[cfg(test)]

@@ -1,0 +1,396 @@
+//! Which images get a token, against upstream's own test tables and against
+//! kubelet's algorithm itself.
+//!
+//! `tests/matching/upstream.toml` carries the rows of kubernetes'
+//! `pkg/credentialprovider` tests, ecr-credential-provider's tests and the
+//! EKS AMI's default `matchImages`, each naming its source. Every
+//! `[[match]]` row is checked twice: its `kubelet` column against kubelet's
+//! `URLsMatchStr`, transcribed into Go and run on Go's own `net/url` and
+//! `path/filepath` (tests/support/urlsmatch), so the table itself cannot be
+//! wrong; then the daemon's matcher against the same column, or against
+//! `ours` where the row records a deliberate difference and says why.
+//!
+//! The property test then feeds thousands of random patterns and names —
+//! globs, `?`, `#`, `@`, `%`-escapes, brackets, ports, upper case — to both
+//! and requires the same answer, except where the daemon refuses at load a
+//! pattern that kubelet accepts but can never match.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use ecr_pull_proxy::config::{Cli, Config};
+use ecr_pull_proxy::ecr::{CredentialSource, EcrHost, SourceError, Token, TokenCache, TokenKey};
+use ecr_pull_proxy::image_ref::ImageRef;
+use ecr_pull_proxy::matcher::{Pattern, PatternError};
+use ecr_pull_proxy::pull::credentials::Resolver;
+use futures_util::future::BoxFuture;
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::TestRunner;
+use serde::Deserialize;
+
+/// Random (pattern, name) pairs the property test compares.
+const PROPERTY_CASES: usize = 20_000;
+
+#[derive(Deserialize)]
+struct Table {
+    #[serde(rename = "match")]
+    matches: Vec<MatchRow>,
+    name: Vec<NameRow>,
+    ecr_host: Vec<HostRow>,
+    image: Vec<ImageRow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MatchRow {
+    source: String,
+    #[serde(default)]
+    key: Option<String>,
+    pattern: String,
+    name: String,
+    kubelet: String,
+    #[serde(default)]
+    ours: Option<String>,
+    #[serde(default)]
+    why: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameRow {
+    source: String,
+    image: String,
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostRow {
+    source: String,
+    host: String,
+    ok: bool,
+    #[serde(default)]
+    account: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    fips: Option<bool>,
+    #[serde(default)]
+    ours: Option<bool>,
+    #[serde(default)]
+    why: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageRow {
+    source: String,
+    image: String,
+    token: String,
+    #[serde(default)]
+    ours: Option<String>,
+    #[serde(default)]
+    why: Option<String>,
+}
+
+fn table() -> Table {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/matching/upstream.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    toml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A row's expectation for the daemon: `ours` when the row records a
+/// difference (which must say why), else upstream's.
+fn expected<T: Clone>(upstream: &T, ours: &Option<T>, why: &Option<String>, source: &str) -> T {
+    match ours {
+        Some(o) => {
+            assert!(
+                why.as_deref().is_some_and(|w| w.len() > 20),
+                "{source}: a difference needs a `why`"
+            );
+            o.clone()
+        }
+        None => upstream.clone(),
+    }
+}
+
+/// kubelet's answers, from the Go transcription.
+struct Kubelet {
+    binary: std::path::PathBuf,
+}
+
+#[derive(Deserialize, Debug)]
+struct Answer {
+    valid: bool,
+    #[serde(default)]
+    error: String,
+    #[serde(rename = "match")]
+    matched: bool,
+}
+
+impl Answer {
+    fn verdict(&self) -> &'static str {
+        match (self.valid, self.matched) {
+            (false, _) => "refused",
+            (true, true) => "match",
+            (true, false) => "no match",
+        }
+    }
+}
+
+impl Kubelet {
+    fn new() -> Self {
+        Kubelet {
+            binary: support::go::build("urlsmatch", "urlsmatch"),
+        }
+    }
+
+    fn ask(&self, pairs: &[(String, String)]) -> Vec<Answer> {
+        let mut child = Command::new(&self.binary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = Vec::new();
+        for pair in pairs {
+            serde_json::to_writer(&mut input, &[&pair.0, &pair.1]).unwrap();
+            input.push(b'\n');
+        }
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        assert!(
+            out.status.success(),
+            "urlsmatch: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answers: Vec<Answer> = out
+            .stdout
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(answers.len(), pairs.len());
+        answers
+    }
+}
+
+/// The daemon's verdict on a (pattern, name) pair.
+fn ours(pattern: &str, name: &str) -> (&'static str, Option<PatternError>) {
+    match Pattern::new(pattern) {
+        Err(e) => ("refused", Some(e)),
+        Ok(p) if p.matches(name) => ("match", None),
+        Ok(_) => ("no match", None),
+    }
+}
+
+#[test]
+fn upstream_match_rows_agree_with_kubelet_and_the_daemon() {
+    let table = table();
+    assert!(table.matches.len() >= 70, "rows went missing");
+    let kubelet = Kubelet::new();
+    let pairs: Vec<(String, String)> = table
+        .matches
+        .iter()
+        .map(|r| (r.pattern.clone(), r.name.clone()))
+        .collect();
+    let answers = kubelet.ask(&pairs);
+    let mut failures = Vec::new();
+    for (row, answer) in table.matches.iter().zip(&answers) {
+        let what = format!(
+            "{} — pattern {:?}{} vs {:?}",
+            row.source,
+            row.pattern,
+            row.key
+                .as_ref()
+                .map(|k| format!(" (dockercfg key {k:?})"))
+                .unwrap_or_default(),
+            row.name
+        );
+        if answer.verdict() != row.kubelet {
+            failures.push(format!(
+                "{what}: the table says kubelet answers {:?}, kubelet's algorithm on Go answers {:?} {}",
+                row.kubelet,
+                answer.verdict(),
+                answer.error
+            ));
+        }
+        let want = expected(&row.kubelet, &row.ours, &row.why, &row.source);
+        let (got, err) = ours(&row.pattern, &row.name);
+        if got != want {
+            failures.push(format!(
+                "{what}: expected {want:?} from the daemon, got {got:?} {err:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn upstream_name_rows_normalise_as_kubelet_does() {
+    for row in table().name {
+        let got = ImageRef::parse(&row.image)
+            .map(|r| format!("{}/{}", r.domain, r.path))
+            .unwrap_or_default();
+        assert_eq!(got, row.name, "{} — {:?}", row.source, row.image);
+    }
+}
+
+#[test]
+fn upstream_ecr_host_rows_parse_as_the_provider_does() {
+    for row in table().ecr_host {
+        let want = expected(&row.ok, &row.ours, &row.why, &row.source);
+        let got = EcrHost::parse(&row.host);
+        assert_eq!(got.is_some(), want, "{} — {:?}", row.source, row.host);
+        if let Some(h) = got {
+            assert_eq!(Some(&h.account), row.account.as_ref(), "{}", row.source);
+            assert_eq!(Some(&h.region), row.region.as_ref(), "{}", row.source);
+            assert_eq!(Some(h.variant.fips), row.fips, "{}", row.source);
+        }
+    }
+}
+
+struct Never;
+impl CredentialSource for Never {
+    fn fetch(&self, _: &TokenKey) -> BoxFuture<'static, Result<Token, SourceError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[test]
+fn upstream_image_rows_get_the_provider_token() {
+    let config = Config::from_toml(
+        "ecr_public = true",
+        &Cli::try_parse_args(["ecr-pull-proxy"]).unwrap(),
+    )
+    .unwrap();
+    let resolver = Resolver::new(
+        config.credentials,
+        TokenCache::new(Arc::new(Never), None, Arc::default()),
+    );
+    for row in table().image {
+        let want = expected(&row.token, &row.ours, &row.why, &row.source);
+        let got = match resolver.target(&row.image) {
+            None => String::new(),
+            Some(t) if t.key == TokenKey::public() => "public".into(),
+            Some(t) => t.image_host,
+        };
+        assert_eq!(got, want, "{} — {:?}", row.source, row.image);
+    }
+}
+
+/// Registry names as kubelet hands them over: hosts of 1–4 labels (some
+/// upper case), `localhost`, IPv6 literals, ports, a path.
+fn name() -> impl Strategy<Value = String> {
+    let label = prop_oneof![
+        4 => "[a-z0-9]([a-z0-9-]{0,4}[a-z0-9])?",
+        1 => "[A-Za-z0-9]{1,4}",
+    ];
+    let host = prop_oneof![
+        8 => prop::collection::vec(label, 1..5).prop_map(|l| l.join(".")),
+        1 => Just("localhost".to_owned()),
+        1 => prop::sample::select(vec!["[::1]", "[fe80::a]", "[2001:db8::1]"]).prop_map(str::to_owned),
+    ];
+    let port = prop::option::weighted(0.3, "[0-9]{1,5}");
+    let path = prop::collection::vec("[a-z0-9]{1,5}", 1..4).prop_map(|c| c.join("/"));
+    (host, port, path).prop_map(|(h, p, path)| match p {
+        Some(p) => format!("{h}:{p}/{path}"),
+        None => format!("{h}/{path}"),
+    })
+}
+
+/// Pieces a pattern may be mutated with: globs, URL syntax, mistakes.
+const PIECES: &[&str] = &[
+    "*", "*", "?", "[a-z]", "[^a]", "[]a]", "[a-]", "[-a]", "[", "]", "\\", "\\*", "%41", "%c3%a9",
+    "%zz", "%25", "@", "user@", "#", "#frag", ":", ":80", ":x", " ", ".", "..", "/", "https://",
+    "A", "[::1]", "]:5000", "\u{e9}",
+];
+
+/// Patterns: mostly a name with a few pieces swapped in or its path cut
+/// (so that many match), sometimes text from an odd alphabet.
+fn pattern_and_name() -> impl Strategy<Value = (String, String)> {
+    let edits = prop::collection::vec(
+        (any::<prop::sample::Index>(), 0..PIECES.len(), 0..3u8),
+        0..4,
+    );
+    let derived = (name(), edits, any::<prop::sample::Index>(), any::<bool>()).prop_map(
+        |(name, edits, cut, cut_path)| {
+            let mut p: Vec<char> = name.chars().collect();
+            if cut_path {
+                let slash = p.iter().position(|&c| c == '/').unwrap_or(p.len());
+                p.truncate(slash + cut.index(p.len() - slash + 1));
+            }
+            for (at, piece, how) in edits {
+                let i = at.index(p.len() + 1);
+                let piece: Vec<char> = PIECES[piece].chars().collect();
+                match how {
+                    0 if i < p.len() => {
+                        p.splice(i..i + 1, piece);
+                    }
+                    _ => {
+                        p.splice(i..i, piece);
+                    }
+                }
+            }
+            (p.into_iter().collect(), name)
+        },
+    );
+    let odd = ("[a-c.*?\\[\\]^:/@#%0-9\\\\ -]{0,16}", name());
+    prop_oneof![6 => derived, 1 => odd]
+}
+
+#[test]
+fn the_matcher_agrees_with_kubelet_on_random_patterns_and_names() {
+    let kubelet = Kubelet::new();
+    let mut runner = TestRunner::default();
+    let strategy = pattern_and_name();
+    let pairs: Vec<(String, String)> = (0..PROPERTY_CASES)
+        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+        .collect();
+    let answers = kubelet.ask(&pairs);
+    let mut failures = Vec::new();
+    let (mut matched, mut refused_by_kubelet, mut refused_by_us) = (0, 0, 0);
+    for ((pattern, name), answer) in pairs.iter().zip(&answers) {
+        let (got, err) = ours(pattern, name);
+        let agree = match (answer.valid, &err) {
+            // kubelet refuses: so must we, for the same reason (a URL error).
+            (false, e) => matches!(e, Some(PatternError::Url { .. })),
+            // We refuse what kubelet takes: only patterns kubelet never
+            // matches, and never for its URL reasons.
+            (true, Some(e)) => !answer.matched && !matches!(e, PatternError::Url { .. }),
+            (true, None) => got == answer.verdict(),
+        };
+        if !agree {
+            failures.push(format!(
+                "pattern {pattern:?} vs {name:?}: kubelet {:?} {}; daemon {got:?} {err:?}",
+                answer.verdict(),
+                answer.error
+            ));
+        }
+        matched += usize::from(answer.matched);
+        refused_by_kubelet += usize::from(!answer.valid);
+        refused_by_us += usize::from(answer.valid && err.is_some());
+    }
+    println!(
+        "{PROPERTY_CASES} random pairs: {matched} matches, {refused_by_kubelet} patterns kubelet refuses, {refused_by_us} it takes but never matches and the daemon refuses"
+    );
+    // The generator must exercise every branch, or agreement means little.
+    assert!(matched > PROPERTY_CASES / 20, "too few matches: {matched}");
+    assert!(
+        refused_by_kubelet > PROPERTY_CASES / 50,
+        "{refused_by_kubelet}"
+    );
+    assert!(refused_by_us > PROPERTY_CASES / 100, "{refused_by_us}");
+    assert!(
+        failures.is_empty(),
+        "{} disagreements, first ones:\n{}",
+        failures.len(),
+        failures[..failures.len().min(30)].join("\n")
+    );
+}
