@@ -79,11 +79,25 @@ impl ImageRef {
                 return None;
             }
         }
-        if name.is_empty() || name.len() > MAX_NAME_LEN {
+        // A bare 64-hex string is an image ID, not a name.
+        if name_tag.len() == 64
+            && name_tag
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return None;
+        }
+        if name.is_empty() {
             return None;
         }
         let (domain, path) = split_domain(name);
-        if !is_domain(domain) || !is_path(path) {
+        // A first component with a '.' that is no host name but is a path
+        // component (`a_b.c/app`) still parses: distribution's grammar reads
+        // the whole name as a path, and its name keeps that component first,
+        // which kubelet and containerd then take for the host.
+        if !(is_domain(domain) || domain != DEFAULT_DOMAIN && is_path_component(domain))
+            || !is_path(path)
+        {
             return None;
         }
         // distribution's splitDockerDomain.
@@ -97,6 +111,10 @@ impl ImageRef {
         } else {
             path.to_owned()
         };
+        // The limit applies to the normalised name.
+        if domain.len() + 1 + path.len() > MAX_NAME_LEN {
+            return None;
+        }
         Some(ImageRef {
             domain: domain.to_owned(),
             path,
@@ -159,7 +177,7 @@ fn is_domain(domain: &str) -> bool {
         None => (domain, None),
     };
     if let Some(p) = port {
-        if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
             return false;
         }
     }
@@ -367,7 +385,6 @@ mod tests {
             "example.com/app/",
             "-example.com/app",
             "example.com:port/app",
-            "example.com:123456/app",
             "exa mple.com/app",
             "example.com/ap\u{0}p",
             "example.com/app\n",

@@ -34,6 +34,8 @@ use serde::Deserialize;
 
 /// Random (pattern, name) pairs the property test compares.
 const PROPERTY_CASES: usize = 20_000;
+/// Random image references the reference property test compares.
+const REFERENCE_CASES: usize = 20_000;
 
 #[derive(Deserialize)]
 struct Table {
@@ -118,6 +120,42 @@ fn expected<T: Clone>(upstream: &T, ours: &Option<T>, why: &Option<String>, sour
     }
 }
 
+/// Runs a Go helper that answers one JSON line per JSON input line.
+fn ask_go<I: serde::Serialize, A: serde::de::DeserializeOwned>(
+    binary: &std::path::Path,
+    inputs: &[I],
+) -> Vec<A> {
+    let mut child = Command::new(binary)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = Vec::new();
+    for i in inputs {
+        serde_json::to_writer(&mut input, i).unwrap();
+        input.push(b'\n');
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&input).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        binary.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<A> = out
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), inputs.len());
+    answers
+}
+
 /// kubelet's answers, from the Go transcription.
 struct Kubelet {
     binary: std::path::PathBuf,
@@ -150,34 +188,8 @@ impl Kubelet {
     }
 
     fn ask(&self, pairs: &[(String, String)]) -> Vec<Answer> {
-        let mut child = Command::new(&self.binary)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = Vec::new();
-        for pair in pairs {
-            serde_json::to_writer(&mut input, &[&pair.0, &pair.1]).unwrap();
-            input.push(b'\n');
-        }
-        let mut stdin = child.stdin.take().unwrap();
-        let writer = std::thread::spawn(move || stdin.write_all(&input).unwrap());
-        let out = child.wait_with_output().unwrap();
-        writer.join().unwrap();
-        assert!(
-            out.status.success(),
-            "urlsmatch: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let answers: Vec<Answer> = out
-            .stdout
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_slice(l).unwrap())
-            .collect();
-        assert_eq!(answers.len(), pairs.len());
-        answers
+        let pairs: Vec<[&String; 2]> = pairs.iter().map(|(p, n)| [p, n]).collect();
+        ask_go(&self.binary, &pairs)
     }
 }
 
@@ -387,6 +399,153 @@ fn the_matcher_agrees_with_kubelet_on_random_patterns_and_names() {
         "{refused_by_kubelet}"
     );
     assert!(refused_by_us > PROPERTY_CASES / 100, "{refused_by_us}");
+    assert!(
+        failures.is_empty(),
+        "{} disagreements, first ones:\n{}",
+        failures.len(),
+        failures[..failures.len().min(30)].join("\n")
+    );
+}
+
+/// What docker/distribution's `ParseNormalizedNamed` (containerd 1.6's and
+/// kubelet's reference grammar) makes of a reference.
+#[derive(Deserialize, Debug)]
+struct Parsed {
+    ok: bool,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    tag: String,
+    #[serde(default)]
+    digest: String,
+}
+
+/// Image references, mostly near-valid: hosts with and without dots,
+/// ports, upper case, `localhost`, Docker Hub's names; path components with
+/// every separator; tags; digests of every length, case and algorithm; the
+/// 64-hex identifier; lengths around the 255 limit. (No IPv6 hosts: the
+/// grammar Debian ships predates them; upstream rows cover them.)
+fn reference() -> impl Strategy<Value = String> {
+    let domain = prop_oneof![
+        3 => Just(String::new()),
+        1 => prop::sample::select(vec![
+            "localhost/", "localhost:5000/", "docker.io/", "index.docker.io/",
+            "Reg.Example/", "UPPER/", "x:123456/", "a-b.c/", "-a.b/", "a.b-/",
+            "reg.example:/", "reg.example:5000/", "1.2.3.4:80/", "a_b.c/",
+        ]).prop_map(str::to_owned),
+        2 => ("[a-zA-Z0-9]{1,5}", prop::option::of("[a-z]{1,3}"), prop::option::of("[0-9]{1,7}"))
+            .prop_map(|(a, b, p)| {
+                let mut d = a;
+                if let Some(b) = b { d = format!("{d}.{b}"); }
+                if let Some(p) = p { d = format!("{d}:{p}"); }
+                d + "/"
+            }),
+    ];
+    let component = prop_oneof![
+        8 => "[a-z0-9]{1,4}([._]|__|-{1,2})?[a-z0-9]{1,4}",
+        1 => "[a-zA-Z0-9._-]{1,6}",
+    ];
+    let path = prop::collection::vec(component, 1..4).prop_map(|c| c.join("/"));
+    let tag = prop::option::weighted(
+        0.3,
+        prop_oneof![8 => "[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,7}", 1 => "[.-][a-z]{0,3}", 1 => "[a-z]{125,130}"],
+    );
+    let digest = prop::option::weighted(
+        0.25,
+        (
+            prop::sample::select(vec![
+                "sha256",
+                "sha256",
+                "sha384",
+                "sha512",
+                "md5",
+                "sha256+b64",
+                "SHA256",
+            ]),
+            prop::sample::select(vec![32usize, 63, 64, 64, 64, 65, 96, 128]),
+            prop::bool::weighted(0.1),
+        )
+            .prop_map(|(alg, len, upper)| {
+                let hex: String = "0123456789abcdef".chars().cycle().take(len).collect();
+                let hex = if upper { hex.to_uppercase() } else { hex };
+                format!("{alg}:{hex}")
+            }),
+    );
+    let long = "[a-z]{250,260}";
+    prop_oneof![
+        12 => (domain, path, tag, digest).prop_map(|(d, p, t, g)| {
+            let mut r = d + &p;
+            if let Some(t) = t { r = format!("{r}:{t}"); }
+            if let Some(g) = g { r = format!("{r}@{g}"); }
+            r
+        }),
+        1 => Just("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".to_owned()),
+        1 => long.prop_map(|l| format!("r.example/{l}")),
+        1 => "[a-z]{233,240}",
+        1 => "[a-zA-Z0-9/:@._-]{0,20}",
+    ]
+}
+
+#[test]
+fn references_normalise_as_containerd_and_kubelet_parse_them() {
+    let binary = support::go::build("refparse", "refparse");
+    let mut runner = TestRunner::default();
+    let strategy = reference();
+    let inputs: Vec<String> = (0..REFERENCE_CASES)
+        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+        .collect();
+    let answers: Vec<Parsed> = ask_go(&binary, &inputs);
+    let mut failures = Vec::new();
+    let (mut valid, mut newer_rule) = (0, 0);
+    for (input, go) in inputs.iter().zip(&answers) {
+        let ours = ImageRef::parse(input).map(|r| {
+            (
+                format!("{}/{}", r.domain, r.path),
+                r.tag.unwrap_or_default(),
+                r.digest.unwrap_or_default(),
+            )
+        });
+        let theirs = go
+            .ok
+            .then(|| (go.name.clone(), go.tag.clone(), go.digest.clone()));
+        // The one rule newer than Debian's docker/distribution 2.8.2:
+        // github.com/distribution/reference (v0.5 on, kubelet's) takes an
+        // upper-case first component for a host (`UPPER/app`), where 2.8.2
+        // read it as a Docker Hub path and refused the upper case.
+        let first = input.split('/').next().unwrap_or_default();
+        if !go.ok
+            && input.contains('/')
+            && !first.contains(['.', ':'])
+            && first.chars().any(|c| c.is_ascii_uppercase())
+        {
+            newer_rule += 1;
+            if ours
+                .as_ref()
+                .is_some_and(|(name, _, _)| !name.starts_with(&format!("{first}/")))
+            {
+                failures.push(format!(
+                    "{input:?}: the host must be {first:?}; daemon {ours:?}"
+                ));
+            }
+            continue;
+        }
+        if ours != theirs {
+            failures.push(format!(
+                "{input:?}: distribution {theirs:?} {}; daemon {ours:?}",
+                go.error
+            ));
+        }
+        valid += usize::from(go.ok);
+    }
+    println!(
+        "{REFERENCE_CASES} random references, {valid} valid, {newer_rule} under the upper-case-host rule"
+    );
+    assert!(
+        valid > REFERENCE_CASES / 4 && valid < REFERENCE_CASES * 3 / 4,
+        "{valid}"
+    );
     assert!(
         failures.is_empty(),
         "{} disagreements, first ones:\n{}",
