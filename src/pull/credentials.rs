@@ -77,7 +77,12 @@ impl Resolver {
                 });
             }
         }
-        if self.config.ecr_public && ECR_PUBLIC_HOSTS.contains(&r.domain.as_str()) {
+        // ECR Public: turned on by `ecr_public`, or by a kubelet
+        // matchImages pattern that covers the host (EKS's default config
+        // lists both hosts), since kubelet would ask for a token there.
+        if ECR_PUBLIC_HOSTS.contains(&r.domain.as_str())
+            && (self.config.ecr_public || self.config.ecr_patterns.iter().any(|p| p.matches(&name)))
+        {
             return Some(Target {
                 image_host: r.domain.clone(),
                 key: TokenKey::public(),
@@ -109,7 +114,7 @@ impl Resolver {
         };
         if ECR_PUBLIC_HOSTS.contains(&r.domain.as_str()) {
             return Some(format!(
-                "{} gets a token only with ecr_public = true",
+                "{} gets a token only with ecr_public = true (or an imported matchImages that covers it)",
                 r.domain
             ));
         }
@@ -246,6 +251,23 @@ mod tests {
             .target("123456789012.dkr.ecr.us-east-1.amazonaws.com/app")
             .unwrap();
         assert!(!private.anonymous_on_failure);
+    }
+
+    #[test]
+    fn imported_match_images_that_cover_ecr_public_turn_it_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = dir.path().join("cp.yaml");
+        std::fs::write(
+            &cp,
+            "providers:\n  - name: ecr-credential-provider\n    matchImages: [\"*.dkr.ecr.*.amazonaws.com\", \"public.ecr.aws\"]\n",
+        )
+        .unwrap();
+        let r = resolver(&format!("credential_provider_config = {cp:?}"));
+        let t = r.target("public.ecr.aws/team/app:v1").unwrap();
+        assert_eq!(t.key, TokenKey::public());
+        assert!(t.anonymous_on_failure);
+        // The other host is not covered by that config.
+        assert!(r.target("ecr-public.aws.com/team/app").is_none());
     }
 
     #[test]
