@@ -56,22 +56,86 @@ impl std::fmt::Display for Source {
 /// The sandbox image a containerd config file names: schema version 2
 /// (`plugins."io.containerd.grpc.v1.cri".sandbox_image`), version 3
 /// (`plugins."io.containerd.cri.v1.images".pinned_images.sandbox`), or the
-/// unversioned 1.x schema (`plugins.cri.sandbox_image`).
+/// unversioned 1.x schema (`plugins.cri.sandbox_image`). This file alone;
+/// [`from_containerd_config_files`] follows `imports`.
 pub fn from_containerd_config(text: &str) -> Option<String> {
     let table: toml::Table = text.parse().ok()?;
-    let plugins = table.get("plugins")?.as_table()?;
     let version = table.get("version").and_then(toml::Value::as_integer);
-    let found = match version {
-        Some(3) => plugins
-            .get("io.containerd.cri.v1.images")?
-            .get("pinned_images")?
-            .get("sandbox"),
-        Some(2) => plugins
-            .get("io.containerd.grpc.v1.cri")?
-            .get("sandbox_image"),
-        _ => plugins.get("cri")?.get("sandbox_image"),
+    section(&table, version)?
+}
+
+/// The sandbox image setting of one parsed config file: `None` when the
+/// file has no CRI image section at all, `Some(None)` when the section is
+/// there but names no image.
+fn section(table: &toml::Table, version: Option<i64>) -> Option<Option<String>> {
+    let plugins = table.get("plugins")?.as_table()?;
+    let (plugin, path): (&str, &[&str]) = match version {
+        Some(3) => ("io.containerd.cri.v1.images", &["pinned_images", "sandbox"]),
+        Some(2) => ("io.containerd.grpc.v1.cri", &["sandbox_image"]),
+        _ => ("cri", &["sandbox_image"]),
     };
-    found?.as_str().filter(|s| !s.is_empty()).map(str::to_owned)
+    let mut value = plugins.get(plugin)?;
+    for key in path {
+        match value.get(key) {
+            Some(v) => value = v,
+            None => return Some(None),
+        }
+    }
+    Some(value.as_str().filter(|s| !s.is_empty()).map(str::to_owned))
+}
+
+/// Files one containerd config loads, most at [`MAX_CONFIG_FILES`].
+pub const MAX_CONFIG_FILES: usize = 64;
+
+/// The sandbox image containerd's config names, reading its `imports` as
+/// containerd does: the main file first, then each import in order
+/// (relative paths from the importing file's directory, globs expanded in
+/// name order, every file once); a later file's plugin section replaces an
+/// earlier one whole, so the last file with the CRI image section decides.
+/// Imports carry the main file's schema version unless they set their own.
+/// Returns the image and the file that named it.
+pub fn from_containerd_config_files(main: &Path) -> Option<(String, PathBuf)> {
+    let mut pending = std::collections::VecDeque::from([main.to_path_buf()]);
+    let mut loaded = std::collections::HashSet::new();
+    let mut main_version = None;
+    let mut decided: Option<(Option<String>, PathBuf)> = None;
+    while let Some(path) = pending.pop_front() {
+        if loaded.len() >= MAX_CONFIG_FILES || !loaded.insert(path.clone()) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let Ok(table) = text.parse::<toml::Table>() else {
+            continue;
+        };
+        let version = table.get("version").and_then(toml::Value::as_integer);
+        if loaded.len() == 1 {
+            main_version = version;
+        }
+        if let Some(value) = section(&table, version.or(main_version)) {
+            decided = Some((value, path.clone()));
+        }
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        let imports = table.get("imports").and_then(toml::Value::as_array);
+        for import in imports
+            .into_iter()
+            .flatten()
+            .filter_map(toml::Value::as_str)
+        {
+            let import = dir.join(import);
+            if import.to_string_lossy().contains(['*', '?', '[']) {
+                let matches = glob::glob(&import.to_string_lossy()).into_iter().flatten();
+                let mut matches: Vec<PathBuf> = matches.flatten().collect();
+                matches.sort();
+                pending.extend(matches);
+            } else {
+                pending.push_back(import);
+            }
+        }
+    }
+    let (image, path) = decided?;
+    Some((image?, path))
 }
 
 /// containerd's built-in sandbox image for its version (its CRI config's
@@ -169,11 +233,8 @@ pub async fn discover(
     {
         return Ok(Some((image, Source::CriStatus)));
     }
-    if let Some(image) = read_config_file(&config.containerd_config) {
-        return Ok(Some((
-            image,
-            Source::ConfigFile(config.containerd_config.clone()),
-        )));
+    if let Some((image, file)) = from_containerd_config_files(&config.containerd_config) {
+        return Ok(Some((image, Source::ConfigFile(file))));
     }
     let version = unary(
         upstream,
@@ -191,10 +252,6 @@ pub async fn discover(
             config.containerd_config.display()
         ))),
     }
-}
-
-fn read_config_file(path: &Path) -> Option<String> {
-    from_containerd_config(&std::fs::read_to_string(path).ok()?)
 }
 
 /// Whether containerd has `image` (an `ImageStatus` that names an image).
@@ -356,8 +413,86 @@ mod tests {
             assert_eq!(from_containerd_config(nothing), None, "{nothing:?}");
         }
         assert_eq!(
-            read_config_file(Path::new("/nonexistent/config.toml")),
+            from_containerd_config_files(Path::new("/nonexistent/config.toml")),
             None
+        );
+    }
+
+    #[test]
+    fn containerd_config_imports_are_followed_as_containerd_merges_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let write = |name: &str, text: &str| {
+            let p = d.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let cri = |image: &str| {
+            format!("[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{image}\"\n")
+        };
+        // The main file names one image; a glob import, read in name order,
+        // names another in its last file: the last one wins.
+        let main = write(
+            "config.toml",
+            &format!(
+                "version = 2\nimports = [\"conf.d/*.toml\"]\n{}",
+                cri("main/pause:1")
+            ),
+        );
+        write("conf.d/10-a.toml", &cri("a/pause:1"));
+        let b = write("conf.d/20-b.toml", &cri("b/pause:1"));
+        write(
+            "conf.d/30-other.toml",
+            "[plugins.\"io.containerd.grpc.v1.other\"]\n  x = 1\n",
+        );
+        assert_eq!(
+            from_containerd_config_files(&main),
+            Some(("b/pause:1".to_owned(), b.clone()))
+        );
+        // A later section without the key replaces the earlier one whole:
+        // containerd then uses its built-in default.
+        write(
+            "conf.d/40-empty.toml",
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  enable_selinux = false\n",
+        );
+        assert_eq!(from_containerd_config_files(&main), None);
+        // Absolute imports, import cycles and missing files.
+        let other = write(
+            "elsewhere/x.toml",
+            &format!(
+                "version = 2\nimports = [{:?}, \"/nonexistent.toml\"]\n{}",
+                main.display().to_string(),
+                cri("x/pause:1")
+            ),
+        );
+        let main2 = write(
+            "main2.toml",
+            &format!(
+                "version = 2\nimports = [{:?}]\n",
+                other.display().to_string()
+            ),
+        );
+        std::fs::remove_file(d.join("conf.d/40-empty.toml")).unwrap();
+        assert_eq!(
+            from_containerd_config_files(&main2),
+            Some(("b/pause:1".to_owned(), b))
+        );
+        // Version 3: the images plugin's pinned sandbox image.
+        let v3 = write(
+            "v3/config.toml",
+            "version = 3\nimports = [\"extra.toml\"]\n",
+        );
+        let extra = write(
+            "v3/extra.toml",
+            "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.10\"\n",
+        );
+        assert_eq!(
+            from_containerd_config_files(&v3),
+            Some((
+                "602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.10".to_owned(),
+                extra
+            ))
         );
     }
 
