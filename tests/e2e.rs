@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ecr_pull_proxy::cri;
 use support::fake_ecr::FakeEcr;
-use support::real::MOTO_PASSWORD;
+use support::real::{ContainerdVersion, MOTO_PASSWORD};
 use support::stack::*;
 use tonic::Code;
 
@@ -727,22 +727,7 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
     );
     let socket = containerd.socket.clone();
     let direct = move || support::channel(&socket);
-    let has_pause = |channel| {
-        let pause = pause.clone();
-        async move {
-            client(channel)
-                .image_status(cri::ImageStatusRequest {
-                    image: Some(cri::ImageSpec {
-                        image: pause,
-                        ..Default::default()
-                    }),
-                    verbose: false,
-                })
-                .await
-                .map(|r| r.into_inner().image.is_some())
-                .unwrap_or(false)
-        }
-    };
+    let has_pause = |channel| image_present(channel, pause.clone());
     // containerd alone cannot get it: its pull is refused.
     assert_refused(pull(direct(), &pause, None).await);
     assert!(!has_pause(direct()).await);
@@ -800,5 +785,142 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
         counted(&scrape())
     })
     .await;
+    assert_no_secrets(&proxy.logs());
+}
+
+/// Whether containerd has `image` (an `ImageStatus` that names it).
+async fn image_present(channel: tonic::transport::Channel, image: String) -> bool {
+    client(channel)
+        .image_status(cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec {
+                image,
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .map(|r| r.into_inner().image.is_some())
+        .unwrap_or(false)
+}
+
+/// What the pause image work is for: a node whose only pause image is in
+/// private ECR starts pods with nothing but the daemon. kubelet's
+/// `RunPodSandbox` goes to containerd directly, and containerd pulls the
+/// pause image itself: without the daemon that pull is refused and no pod
+/// starts; with it, the same call starts a pod whose pause process runs.
+/// containerd 1.6 names its pause image in its CRI status.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_starts_when_its_only_pause_image_is_in_private_ecr() {
+    pod_starts_with_only_a_private_pause_image(ContainerdVersion::One, "containerd's CRI status")
+        .await;
+}
+
+/// The same with containerd 2.x (Debian unstable's), whose CRI status no
+/// longer names the pause image: the daemon reads it from containerd's
+/// schema-3 config file (`pinned_images.sandbox`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_starts_on_containerd_2_when_its_only_pause_image_is_in_private_ecr() {
+    pod_starts_with_only_a_private_pause_image(ContainerdVersion::Two, "containerd's config file")
+        .await;
+}
+
+async fn pod_starts_with_only_a_private_pause_image(version: ContainerdVersion, source: &str) {
+    use support::real::{Containerd, Moto, Registry};
+    let pause_binary = std::fs::read(support::go::build("pause", "pause")).unwrap();
+    let dir = support::short_tempdir();
+    let moto = Moto::start(dir.path());
+    let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
+    registry.push_files_image(
+        "eks/pause",
+        &["3.10"],
+        &[("pause", &pause_binary, 0o755)],
+        &["/pause"],
+    );
+    let pause = format!("{ECR_HOST}/eks/pause:3.10");
+    let mut containerd = Containerd::start_version(
+        dir.path(),
+        &[(ECR_HOST, registry.addr.as_str())],
+        Some(&pause),
+        version,
+    );
+    let pod_logs = dir.path().join("pods");
+    std::fs::create_dir_all(&pod_logs).unwrap();
+
+    // Without the daemon: containerd's own pull of the pause image fails.
+    let refused = support::pod::run(&containerd.socket, "without-daemon", &pod_logs)
+        .await
+        .expect_err("no pod can start without its pause image");
+    assert!(
+        refused.message().contains(&pause) && refused.message().contains("pull"),
+        "the failure should be the pause image's pull: {refused:?}"
+    );
+
+    let config = format!(
+        "sandbox_image = \"auto\"\ncontainerd_config = {:?}",
+        containerd.config.display().to_string()
+    );
+    let proxy = support::ProxyProcess::start(
+        dir.path(),
+        &containerd.socket,
+        support::ProxyOptions {
+            config: Some(&config),
+            env: moto.env(),
+            ..Default::default()
+        },
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !image_present(support::channel(&containerd.socket), pause.clone()).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon should have pulled the pause image: {}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("looking after the sandbox image") && logs.contains(source),
+        "{logs}"
+    );
+
+    // The same call as before now starts a pod.
+    let id = support::pod::run(&containerd.socket, "with-daemon", &pod_logs)
+        .await
+        .unwrap_or_else(|e| {
+            let log = containerd.log();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!(
+                "the pod should start now: {e:?}\ncontainerd's log, last lines first:\n{}",
+                tail.join("\n")
+            )
+        });
+    assert_eq!(
+        support::pod::state(&containerd.socket, &id).await.unwrap(),
+        support::pod::SANDBOX_READY
+    );
+    support::pod::remove(&containerd.socket, &id).await.unwrap();
+
+    // containerd restarted without the image: the daemon pulls it again as
+    // soon as containerd answers (kubelet's calls through the proxy show
+    // it), and pods start again.
+    remove(support::channel(&containerd.socket), &pause).await;
+    assert!(!image_present(support::channel(&containerd.socket), pause.clone()).await);
+    containerd.restart();
+    let _ = client(proxy.channel())
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !image_present(support::channel(&containerd.socket), pause.clone()).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pause image after containerd restarted: {}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = support::pod::run(&containerd.socket, "after-restart", &pod_logs)
+        .await
+        .expect("a pod starts after containerd restarted");
+    support::pod::remove(&containerd.socket, &id).await.unwrap();
     assert_no_secrets(&proxy.logs());
 }

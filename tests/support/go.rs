@@ -1,6 +1,7 @@
-//! Go programs the tests and the benchmark build from Debian's sources:
-//! the grpc-go caller and the grpc-go transparent proxy (GOPATH mode, no
-//! Go module proxy needed).
+//! Go programs the tests and the benchmark build from Debian's sources
+//! (GOPATH mode, no Go module proxy needed): the grpc-go caller and
+//! transparent proxy, kubelet's matcher and distribution's reference parser
+//! (tests/matching.rs), and the pause binary of the tests' pod sandboxes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,6 +32,9 @@ pub fn build(dir: &str, name: &str) -> PathBuf {
         .arg(".")
         .current_dir(source)
         .env("GO111MODULE", "off")
+        // Static binaries: the pause binary runs in an image with nothing
+        // else in it.
+        .env("CGO_ENABLED", "0")
         .env("GOPATH", DEBIAN_GOPATH)
         .env("GOCACHE", out_dir.join("go-build"))
         .output()

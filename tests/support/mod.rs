@@ -6,6 +6,7 @@
 
 pub mod fake_ecr;
 pub mod go;
+pub mod pod;
 pub mod raw;
 pub mod real;
 pub mod scripted;

@@ -220,7 +220,6 @@ impl Registry {
 
     /// As [`Registry::push_image`], with `extra` more bytes in the layer.
     pub fn push_image_sized(&self, repo: &str, tags: &[&str], extra: usize) -> String {
-        let mut tarball = tar::Builder::new(Vec::new());
         let mut content = format!("hello from {repo}\n").into_bytes();
         // Pseudo-random, so that nothing along the way can compress it away.
         let mut x: u32 = 2_463_534_242;
@@ -230,23 +229,33 @@ impl Registry {
             x ^= x << 5;
             x as u8
         }));
-        let mut header = tar::Header::new_ustar();
-        header.set_size(content.len() as u64);
-        header.set_mode(0o644);
-        header.set_mtime(0);
-        header.set_cksum();
-        tarball
-            .append_data(&mut header, "hello.txt", &content[..])
-            .unwrap();
+        self.push_files_image(repo, tags, &[("hello.txt", &content, 0o644)], &[])
+    }
+
+    /// Pushes a one-layer image of `files` (path, content, mode) with
+    /// `entrypoint`; returns the manifest digest.
+    pub fn push_files_image(
+        &self,
+        repo: &str,
+        tags: &[&str],
+        files: &[(&str, &[u8], u32)],
+        entrypoint: &[&str],
+    ) -> String {
+        let mut tarball = tar::Builder::new(Vec::new());
+        for (path, content, mode) in files {
+            let mut header = tar::Header::new_ustar();
+            header.set_size(content.len() as u64);
+            header.set_mode(*mode);
+            header.set_mtime(0);
+            header.set_cksum();
+            tarball.append_data(&mut header, path, *content).unwrap();
+        }
         let layer = tarball.into_inner().unwrap();
         let layer_digest = self.put_blob(repo, &layer);
-        let arch = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            other => other,
-        };
+        let arch = go_arch();
         let config = format!(
-            r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}},"config":{{}}}}"#
+            r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}},"config":{{"Entrypoint":{}}}}}"#,
+            serde_json::to_string(entrypoint).unwrap()
         );
         let config_digest = self.put_blob(repo, config.as_bytes());
         let manifest = format!(
@@ -280,14 +289,42 @@ impl Drop for Registry {
     }
 }
 
+/// This machine's architecture as Go and OCI name it.
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
 // === containerd ===
+
+/// Which containerd a test runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContainerdVersion {
+    /// Debian 12's containerd 1.6 (config schema 2).
+    One,
+    /// containerd 2.x from Debian unstable, unpacked by `.ci/install` under
+    /// `target/test-tools/containerd-2` (config schema 3).
+    Two,
+}
+
+/// Where `.ci/install` unpacks containerd 2.x.
+pub const CONTAINERD_2_DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/target/test-tools/containerd-2/usr/bin"
+);
 
 /// A containerd with its own root, state, socket and `certs.d`.
 pub struct Containerd {
     child: Option<Child>,
     /// Its CRI socket.
     pub socket: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
     dir: PathBuf,
+    version: ContainerdVersion,
 }
 
 impl Containerd {
@@ -304,6 +341,16 @@ impl Containerd {
         mirrors: &[(&str, &str)],
         sandbox_image: Option<&str>,
     ) -> Self {
+        Self::start_version(dir, mirrors, sandbox_image, ContainerdVersion::One)
+    }
+
+    /// As [`Containerd::start_with_sandbox_image`], for `version`.
+    pub fn start_version(
+        dir: &Path,
+        mirrors: &[(&str, &str)],
+        sandbox_image: Option<&str>,
+        version: ContainerdVersion,
+    ) -> Self {
         require("runc", "the Debian package runc");
         let dir = dir.join("ctd");
         std::fs::create_dir_all(&dir).unwrap();
@@ -317,11 +364,10 @@ impl Containerd {
             .unwrap();
         }
         let socket = dir.join("c.sock");
-        let config = format!(
-            r#"version = 2
-root = "{root}"
+        let common = format!(
+            r#"root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing"]
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing", "io.containerd.nri.v1.nri"]
 [grpc]
   address = "{sock}"
 [ttrpc]
@@ -330,44 +376,107 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
   address = ""
 [metrics]
   address = ""
-[plugins."io.containerd.grpc.v1.cri"]
+"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display(),
+        );
+        let certs = dir.join("certs.d");
+        let config = match version {
+            ContainerdVersion::One => format!(
+                r#"version = 2
+{common}[plugins."io.containerd.grpc.v1.cri"]
   {sandbox}
   disable_tcp_service = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
+  # This VM does not let even root lower a process's oom_score_adj below
+  # its parent's, which containerd does for pause processes (-998).
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "native"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{certs}"
 "#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            sock = socket.display(),
-            certs = dir.join("certs.d").display(),
-            sandbox = sandbox_image
-                .map(|i| format!("sandbox_image = \"{i}\""))
-                .unwrap_or_default(),
-        );
-        std::fs::write(dir.join("config.toml"), config).unwrap();
+                certs = certs.display(),
+                sandbox = sandbox_image
+                    .map(|i| format!("sandbox_image = \"{i}\""))
+                    .unwrap_or_default(),
+            ),
+            ContainerdVersion::Two => format!(
+                r#"version = 3
+{common}[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[plugins."io.containerd.cri.v1.runtime"]
+  # As for containerd 1.6: this VM refuses a lower oom_score_adj.
+  restrict_oom_score_adj = true
+# containerd 2.x's CRI pulls through the transfer service, which unpacks
+# only for the platforms and snapshotters it is told of.
+[plugins."io.containerd.transfer.v1.local"]
+  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
+    platform = "linux/{arch}"
+    snapshotter = "native"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "native"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    {sandbox}
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{certs}"
+"#,
+                certs = certs.display(),
+                arch = go_arch(),
+                sandbox = sandbox_image
+                    .map(|i| format!("sandbox = \"{i}\""))
+                    .unwrap_or_default(),
+            ),
+        };
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
         let mut c = Containerd {
             child: None,
             socket,
+            config: config_path,
             dir,
+            version,
         };
         c.spawn();
         c
     }
 
     fn spawn(&mut self) {
-        let bin = require("containerd", "the Debian package containerd");
+        let mut command = match self.version {
+            ContainerdVersion::One => {
+                Command::new(require("containerd", "the Debian package containerd"))
+            }
+            ContainerdVersion::Two => {
+                let bin = Path::new(CONTAINERD_2_DIR).join("containerd");
+                assert!(
+                    bin.is_file(),
+                    "containerd 2.x not found at {}: run .ci/install (it unpacks Debian unstable's package there)",
+                    bin.display()
+                );
+                // Its own shim first.
+                let path = std::env::var_os("PATH").unwrap_or_default();
+                let path = std::env::join_paths(
+                    std::iter::once(PathBuf::from(CONTAINERD_2_DIR))
+                        .chain(std::env::split_paths(&path)),
+                )
+                .unwrap();
+                let mut c = Command::new(bin);
+                c.env("PATH", path);
+                c
+            }
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("log"))
             .unwrap();
-        let child = Command::new(bin)
+        let child = command
             .arg("--config")
-            .arg(self.dir.join("config.toml"))
+            .arg(&self.config)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -378,6 +487,11 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
         wait_cri_ready(&sock);
+    }
+
+    /// containerd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
     /// Kills containerd (SIGKILL, like a crash).
