@@ -119,9 +119,8 @@ fn readme_states_the_defaults_the_code_uses() {
             cache::ERROR_BACKOFF_MAX.as_secs()
         ),
         format!(
-            "from {} s to {} s when AWS throttled",
-            cache::THROTTLED_BACKOFF_MIN.as_secs(),
-            cache::THROTTLED_BACKOFF_MAX.as_secs()
+            "within {} s when AWS throttled",
+            cache::THROTTLED_RETRY_WINDOW.as_secs()
         ),
     ];
     for e in &expected {

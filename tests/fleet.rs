@@ -9,9 +9,10 @@
 //! Each scenario runs two policies side by side and prints one table
 //! (`--nocapture`) that the README quotes: the one before this tuning
 //! (error backoff 1 s doubling to 60 s for every failure, half jitter) and
-//! the shipped one ([`RetryPolicy::default`]: throttling backs off from
-//! 40 s doubling to 4 min with full jitter, and the SDK makes one attempt
-//! per fetch instead of retrying a throttled call within the second).
+//! the shipped one ([`RetryPolicy::default`]: after throttling, each retry
+//! at a random moment within a fixed 4-minute window, and the SDK makes
+//! one attempt per fetch instead of retrying a throttled call within the
+//! second).
 //! - steady state: 10,000 nodes for 7 days, pulls at random times, node
 //!   restarts, and a 0.1 % rate of AWS 5xx errors;
 //! - mass boot: 10,000 nodes booting within 5 minutes, each pulling at once
@@ -435,19 +436,25 @@ async fn mass_boot_gives_every_node_a_token_within_ten_minutes_in_few_calls() {
         "{:.2} calls per node",
         shipped.per_node()
     );
-    // Not met: peak ≤ 100 TPS (the shipped policy peaks at about 120 as the
-    // fleet's last nodes boot into the backlog; see the README). Held to
-    // a sixth of the old policy's peak, so a regression shows.
+    // Peak at most 100 TPS (before: over 700).
+    assert!(shipped.peak <= 100, "peak {} TPS", shipped.peak);
+    // Time to first token no worse than before: the median (about 16 s
+    // against 24 s: with few retries in the way, most nodes get a token at
+    // their first call) and the p99 (about 410 s; the figure for
+    // the old policy was 430 s, this run's may be a little lower).
     assert!(
-        shipped.peak * 6 < before.peak,
-        "peak {} TPS (before: {})",
-        shipped.peak,
-        before.peak
+        shipped.pct(0.5) <= before.pct(0.5),
+        "median {:?} (before {:?})",
+        shipped.pct(0.5),
+        before.pct(0.5)
     );
-    // p99 within 15 % of the old policy's (about 435 s against 400-430 s);
-    // the median trades ten seconds for the calls (see the README).
-    assert!(shipped.pct(0.99).as_secs_f64() <= before.pct(0.99).as_secs_f64() * 1.15);
-    assert!(shipped.pct(0.5) <= Duration::from_secs(60));
+    assert!(
+        shipped.pct(0.99) <= Duration::from_secs(430)
+            && shipped.pct(0.99).as_secs_f64() <= before.pct(0.99).as_secs_f64() * 1.1,
+        "p99 {:?} (before {:?})",
+        shipped.pct(0.99),
+        before.pct(0.99)
+    );
     // What an account's other callers gain: far fewer throttled calls and
     // seconds of a saturated quota than before.
     assert!(shipped.throttled * 4 < before.throttled);
