@@ -119,7 +119,8 @@ fn readme_states_the_defaults_the_code_uses() {
             cache::ERROR_BACKOFF_MAX.as_secs()
         ),
         format!(
-            "within {} s when AWS throttled",
+            "within {} s when AWS throttled, then within {} s",
+            cache::THROTTLED_FIRST_WINDOW.as_secs(),
             cache::THROTTLED_RETRY_WINDOW.as_secs()
         ),
     ];

@@ -153,8 +153,8 @@ async fn a_throttled_pull_waits_while_the_proxy_retries_once_per_window() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let throttled = fake.calls();
     // One attempt per fetch (no SDK retries within the second), and the
-    // cache's retry at a random moment of its 240 s window: at most one in
-    // these seconds.
+    // cache's retry at a random moment of its 5-minute first window: at
+    // most one in these seconds.
     assert!(
         (1..=2).contains(&throttled),
         "calls while throttled: {throttled}"

@@ -9,10 +9,10 @@
 //! Each scenario runs two policies side by side and prints one table
 //! (`--nocapture`) that the README quotes: the one before this tuning
 //! (error backoff 1 s doubling to 60 s for every failure, half jitter) and
-//! the shipped one ([`RetryPolicy::default`]: after throttling, each retry
-//! at a random moment within a fixed 4-minute window, and the SDK makes
-//! one attempt per fetch instead of retrying a throttled call within the
-//! second).
+//! the shipped one ([`RetryPolicy::default`]: after throttling, the retry
+//! at a random moment within 5 minutes, each later one within 3, and the
+//! SDK makes one attempt per fetch instead of retrying a throttled call
+//! within the second).
 //! - steady state: 10,000 nodes for 7 days, pulls at random times, node
 //!   restarts, and a 0.1 % rate of AWS 5xx errors;
 //! - mass boot: 10,000 nodes booting within 5 minutes, each pulling at once
@@ -46,8 +46,7 @@ fn before_tuning() -> RetryPolicy {
     RetryPolicy {
         backoff_min: Duration::from_secs(1),
         backoff_max: Duration::from_secs(60),
-        throttled_min: Duration::from_secs(1),
-        throttled_max: Duration::from_secs(60),
+        throttled: None,
         full_jitter: false,
     }
 }
@@ -438,10 +437,10 @@ async fn mass_boot_gives_every_node_a_token_within_ten_minutes_in_few_calls() {
     );
     // Peak at most 100 TPS (before: over 700).
     assert!(shipped.peak <= 100, "peak {} TPS", shipped.peak);
-    // Time to first token no worse than before: the median (about 16 s
-    // against 24 s: with few retries in the way, most nodes get a token at
-    // their first call) and the p99 (about 410 s; the figure for
-    // the old policy was 430 s, this run's may be a little lower).
+    // Time to first token no worse than before: the median (a few seconds
+    // against 24 s: with the backlog's retries out of the way, most nodes
+    // get a token at their first call) and the p99 (about 370 s against
+    // 400).
     assert!(
         shipped.pct(0.5) <= before.pct(0.5),
         "median {:?} (before {:?})",
@@ -449,8 +448,7 @@ async fn mass_boot_gives_every_node_a_token_within_ten_minutes_in_few_calls() {
         before.pct(0.5)
     );
     assert!(
-        shipped.pct(0.99) <= Duration::from_secs(430)
-            && shipped.pct(0.99).as_secs_f64() <= before.pct(0.99).as_secs_f64() * 1.1,
+        shipped.pct(0.99) <= before.pct(0.99),
         "p99 {:?} (before {:?})",
         shipped.pct(0.99),
         before.pct(0.99)

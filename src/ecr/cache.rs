@@ -8,9 +8,10 @@
 //! - A token already expired on arrival (clock skew; emulators) serves that
 //!   pull and is kept for at most [`EXPIRED_ON_ARRIVAL_TTL`].
 //! - Errors are cached with exponential backoff from [`ERROR_BACKOFF_MIN`]
-//!   to [`ERROR_BACKOFF_MAX`] (when AWS throttled: a fixed
-//!   [`THROTTLED_RETRY_WINDOW`]), so a broken role cannot call AWS at pull
-//!   rate; a still-usable token keeps serving while AWS fails.
+//!   to [`ERROR_BACKOFF_MAX`] (when AWS throttled: a retry within
+//!   [`THROTTLED_FIRST_WINDOW`], then within [`THROTTLED_RETRY_WINDOW`]),
+//!   so a broken role cannot call AWS at pull rate; a still-usable token
+//!   keeps serving while AWS fails.
 //! - A fetch that fails for a passing reason (throttling, network, timeout)
 //!   is retried in the background on that backoff, with full jitter, for as long
 //!   as pulls keep asking (within [`RETRY_WHILE_WANTED`]); a pull waits for
@@ -36,29 +37,32 @@ pub const EXPIRED_ON_ARRIVAL_TTL: Duration = Duration::from_secs(60);
 pub const ERROR_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest backoff after repeated failures.
 pub const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// After AWS throttled a fetch, the retry comes at a random moment within
-/// this window, every time (no doubling). `GetAuthorizationToken`'s quota
-/// (20/s, bursts of 200) is shared by a whole account and region, so
-/// throttling means it is exhausted: a fleet booting together must spread
-/// its retries over minutes, leaving the quota to nodes asking for the
-/// first time. Tuned on the fleet simulation (tests/fleet.rs): a shorter
-/// window, or one that starts short and doubles, floods the quota with
-/// retries and makes every node wait longer.
-pub const THROTTLED_RETRY_WINDOW: Duration = Duration::from_secs(240);
+/// After AWS first throttled a fetch, the retry comes at a random moment
+/// within this window. `GetAuthorizationToken`'s quota (20/s, bursts of
+/// 200) is shared by a whole account and region, so throttling means it is
+/// spent: a fleet booting together must push its retries past the wave of
+/// first calls, leaving the quota to nodes asking for the first time.
+/// Tuned on the fleet simulation (tests/fleet.rs, README "Fleet scale").
+pub const THROTTLED_FIRST_WINDOW: Duration = Duration::from_secs(300);
+/// Each further retry while AWS keeps throttling comes within this window:
+/// shorter than the first, so nodes that have waited longest get the
+/// quota's spare slots after the wave, but long enough that a fleet waiting
+/// out a lasting throttle calls at most once per node per 90 s on average.
+pub const THROTTLED_RETRY_WINDOW: Duration = Duration::from_secs(180);
 
 /// How a fetch that failed for a passing reason is retried while pulls
-/// wait for it: exponential backoff between `min` and `max` (throttling
-/// has its own, longer range), each wait drawn at random.
+/// wait for it: exponential backoff between `backoff_min` and
+/// `backoff_max`, or, when AWS throttled, the throttling windows; each wait
+/// drawn at random.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// First backoff after a failure other than throttling.
     pub backoff_min: Duration,
     /// Longest backoff after such failures.
     pub backoff_max: Duration,
-    /// First backoff after AWS throttled the fetch.
-    pub throttled_min: Duration,
-    /// Longest backoff after repeated throttling.
-    pub throttled_max: Duration,
+    /// After throttling: the first retry's window and every later one's.
+    /// `None`: throttling backs off like any other failure.
+    pub throttled: Option<(Duration, Duration)>,
     /// Each wait is drawn from the whole backoff (`full` jitter, as AWS
     /// advises for clients sharing a quota) rather than its upper half.
     pub full_jitter: bool,
@@ -69,8 +73,7 @@ impl Default for RetryPolicy {
         RetryPolicy {
             backoff_min: ERROR_BACKOFF_MIN,
             backoff_max: ERROR_BACKOFF_MAX,
-            throttled_min: THROTTLED_RETRY_WINDOW,
-            throttled_max: THROTTLED_RETRY_WINDOW,
+            throttled: Some((THROTTLED_FIRST_WINDOW, THROTTLED_RETRY_WINDOW)),
             full_jitter: true,
         }
     }
@@ -79,14 +82,21 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The backoff after `prev` (the one before, if any) for `error`.
     fn next_backoff(&self, prev: Option<&CachedError>, error: &SourceError) -> Duration {
-        let (min, max) = if error.kind == super::ErrorKind::Throttled {
-            (self.throttled_min, self.throttled_max)
-        } else {
-            (self.backoff_min, self.backoff_max)
-        };
-        match prev {
-            Some(p) => (p.backoff * 2).clamp(min, max),
-            None => min,
+        let throttled = |e: &CachedError| e.error.kind == super::ErrorKind::Throttled;
+        match self.throttled {
+            Some((first, then)) if error.kind == super::ErrorKind::Throttled => {
+                if prev.is_some_and(throttled) {
+                    then
+                } else {
+                    first
+                }
+            }
+            _ => match prev {
+                Some(p) if !(self.throttled.is_some() && throttled(p)) => {
+                    (p.backoff * 2).clamp(self.backoff_min, self.backoff_max)
+                }
+                _ => self.backoff_min,
+            },
         }
     }
 
@@ -735,16 +745,17 @@ mod tests {
         };
         assert_eq!(pull().await.unwrap_err().kind, ErrorKind::Throttled);
         // Pulls keep asking for ten minutes (every 30 s, as kubelet's
-        // back-off ends up doing): one retry per window, at a random moment
-        // of it, however often they ask.
+        // back-off ends up doing): one retry within the first window, then
+        // one per later window, each at a random moment of it, however
+        // often they ask.
         for _ in 0..20 {
             tokio::time::sleep(Duration::from_secs(30)).await;
             let _ = pull().await;
         }
         let calls = source.calls();
-        // At least one retry per window; about one per half window.
-        let windows = (600 / THROTTLED_RETRY_WINDOW.as_secs()) as usize;
-        assert!((1 + windows..=14).contains(&calls), "{calls}");
+        let later = 600 - THROTTLED_FIRST_WINDOW.as_secs();
+        let at_least = 2 + (later / THROTTLED_RETRY_WINDOW.as_secs()) as usize;
+        assert!((at_least..=16).contains(&calls), "{calls}");
 
         // A pull waiting through the throttling gets the token at the first
         // retry after AWS answers again, within one window.
@@ -753,7 +764,7 @@ mod tests {
         let cache = TokenCache::new(source.clone(), None, Arc::default());
         let waiting = tokio::spawn({
             let cache = cache.clone();
-            async move { cache.get(&key(), THROTTLED_RETRY_WINDOW * 2).await }
+            async move { cache.get(&key(), THROTTLED_FIRST_WINDOW * 2).await }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(source.calls(), 1);
@@ -761,7 +772,7 @@ mod tests {
         let started = Instant::now();
         let (_, outcome) = waiting.await.unwrap().unwrap();
         assert_eq!(outcome, CacheOutcome::Miss);
-        assert!(started.elapsed() <= THROTTLED_RETRY_WINDOW);
+        assert!(started.elapsed() <= THROTTLED_FIRST_WINDOW);
         assert_eq!(source.calls(), 2, "served by the first retry");
     }
 
