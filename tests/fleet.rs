@@ -192,10 +192,6 @@ fn key() -> TokenKey {
     }
 }
 
-fn node_cache(api: &Arc<Mutex<Api>>, seed: u64, policy: Policy) -> TokenCache {
-    node_cache_seeing(api, seed, policy, Arc::default())
-}
-
 /// A node's cache; `first_token` is set when its first token arrives.
 fn node_cache_seeing(
     api: &Arc<Mutex<Api>>,
@@ -232,8 +228,16 @@ struct Steady {
     steady_tps: f64,
     peak: u32,
     throttled: u64,
+    saturated_seconds: usize,
     errors: u64,
     failed: u64,
+    /// From each node (re)start to its first token, sorted.
+    tokened: Vec<Duration>,
+}
+
+/// The `p` quantile of sorted durations.
+fn quantile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
 async fn steady_state(policy: Policy) -> Steady {
@@ -242,18 +246,29 @@ async fn steady_state(policy: Policy) -> Steady {
     let horizon = Duration::from_secs(DAYS * 24 * 3600);
     let start = Instant::now();
     let failed_pulls = Arc::new(Mutex::new(0u64));
+    let tokened = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::with_capacity(NODES);
     for n in 0..NODES {
-        let (api, failed) = (api.clone(), failed_pulls.clone());
+        let (api, failed, tokened) = (api.clone(), failed_pulls.clone(), tokened.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
-            let mut cache = node_cache(&api, rng.random(), policy);
             // Nodes come up over the first hour, then pull every 2 h on
             // average and restart about once a week.
             tokio::time::sleep(Duration::from_secs(rng.random_range(0..3600))).await;
+            let mut started = Instant::now();
+            let mut first = Arc::new(Mutex::new(None));
+            let mut cache = node_cache_seeing(&api, rng.random(), policy, first.clone());
+            let record = |started: Instant, first: &Arc<Mutex<Option<Instant>>>| {
+                if let Some(at) = *first.lock().unwrap() {
+                    tokened.lock().unwrap().push(at - started);
+                }
+            };
             while start.elapsed() < horizon {
                 if rng.random_bool(1.0 / (7.0 * 12.0)) {
-                    cache = node_cache(&api, rng.random(), policy);
+                    record(started, &first);
+                    started = Instant::now();
+                    first = Arc::new(Mutex::new(None));
+                    cache = node_cache_seeing(&api, rng.random(), policy, first.clone());
                 }
                 if cache.get(&key(), DEFAULT_TOKEN_WAIT).await.is_err() {
                     *failed.lock().unwrap() += 1;
@@ -261,6 +276,7 @@ async fn steady_state(policy: Policy) -> Steady {
                 let gap: f64 = rng.random_range(0.0..4.0 * 3600.0);
                 tokio::time::sleep(Duration::from_secs_f64(gap)).await;
             }
+            record(started, &first);
         }));
     }
     for t in tasks {
@@ -275,13 +291,17 @@ async fn steady_state(policy: Policy) -> Steady {
         .map(|(_, c)| c)
         .sum();
     let failed = *failed_pulls.lock().unwrap();
+    let mut tokened = tokened.lock().unwrap().clone();
+    tokened.sort();
     Steady {
         per_node_day: api.calls as f64 / NODES as f64 / DAYS as f64,
         steady_tps: f64::from(steady_calls) / days_after_first,
         peak: api.per_second.values().max().copied().unwrap_or(0),
         throttled: api.throttled,
+        saturated_seconds: api.empty_seconds.len(),
         errors: api.errors,
         failed,
+        tokened,
     }
 }
 
@@ -300,8 +320,21 @@ async fn steady_state_fleet_stays_far_below_the_quota() {
             ("steady-state fleet TPS (days 2-7)", col(&|r| format!("{:.3}", r.steady_tps))),
             ("peak TPS (any second)", col(&|r| r.peak.to_string())),
             ("throttled calls", col(&|r| r.throttled.to_string())),
+            ("seconds the quota was saturated", col(&|r| r.saturated_seconds.to_string())),
             ("AWS errors injected", col(&|r| r.errors.to_string())),
             ("pulls that got no token", col(&|r| r.failed.to_string())),
+            (
+                "(re)start to first token: median / p99 / slowest",
+                col(&|r| {
+                    let ms = |d: Duration| format!("{} ms", d.as_millis());
+                    format!(
+                        "{} / {} / {}",
+                        ms(quantile(&r.tokened, 0.5)),
+                        ms(quantile(&r.tokened, 0.99)),
+                        ms(*r.tokened.last().unwrap())
+                    )
+                }),
+            ),
         ],
     );
     let shipped = &runs[1];
@@ -313,6 +346,11 @@ async fn steady_state_fleet_stays_far_below_the_quota() {
     );
     assert!(shipped.steady_tps <= runs[0].steady_tps * 1.05);
     assert_eq!(shipped.throttled, 0);
+    assert_eq!(shipped.saturated_seconds, 0);
+    // Every node start got its token, and at its first call (the
+    // simulated API answers in 30 ms; an AWS error costs a retry).
+    assert!(shipped.tokened.len() >= NODES);
+    assert!(quantile(&shipped.tokened, 0.99) < Duration::from_millis(100));
     // Errors happened, and a cached token served through every one.
     assert!(shipped.errors > 0);
     assert_eq!(
