@@ -4,10 +4,13 @@
 //! `library/` before a bare Docker Hub name, so `busybox` is
 //! `docker.io/library/busybox` — the name kubelet's keyring matches.
 //!
-//! Only as much of the distribution reference grammar as decides *which host*
-//! an image comes from is enforced strictly; a reference that does not parse is
-//! never matched, and goes to containerd untouched so that containerd rejects
-//! it with its own error.
+//! The whole grammar is followed (domain, path components, tag, digest as
+//! go-digest checks it, the 255-character limit on the normalised name, no
+//! bare image IDs); tests/matching.rs compares it with distribution's own
+//! parser on random references. The one newer rule kept is
+//! `distribution/reference`'s (kubelet's): an upper-case first component is
+//! a host. A reference that does not parse is never matched, and goes to
+//! containerd untouched so that containerd rejects it with its own error.
 
 use std::fmt;
 

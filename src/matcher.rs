@@ -39,7 +39,7 @@ pub struct Pattern {
 pub enum PatternError {
     /// The pattern is empty.
     #[error("pattern {0:?} is empty")]
-    NoHost(String),
+    Empty(String),
     /// The pattern has a scheme: kubelet reads `https://x` as host `https:`
     /// and never matches it.
     #[error("pattern {0:?} must not have a scheme (drop the `://` part; kubelet would read the scheme as the host and never match)")]
@@ -87,7 +87,7 @@ impl Pattern {
     /// `mirror.internal:5000/team`.
     pub fn new(source: &str) -> Result<Self, PatternError> {
         if source.is_empty() {
-            return Err(PatternError::NoHost(source.to_owned()));
+            return Err(PatternError::Empty(source.to_owned()));
         }
         let url = SchemelessUrl::parse(source).map_err(|reason| PatternError::Url {
             pattern: source.to_owned(),
