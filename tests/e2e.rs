@@ -745,17 +745,9 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
             ..Default::default()
         },
     );
-    let present_within = |what: &'static str| {
-        let direct = direct.clone();
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while !has_pause(direct()).await {
-                assert!(std::time::Instant::now() < deadline, "{what}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    present_within("the pause image at start").await;
+    let socket = containerd.socket.clone();
+    let pause_within = |what: &'static str| present_within(&socket, &pause, what, &proxy);
+    pause_within("the pause image at start").await;
     let logs = proxy.logs();
     assert!(logs.contains("looking after the sandbox image"), "{logs}");
     assert!(logs.contains("containerd's CRI status"), "{logs}");
@@ -763,7 +755,7 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
     // Removed while the daemon runs: back on the next check.
     remove(direct(), &pause).await;
     assert!(!has_pause(direct()).await);
-    present_within("the pause image after it was removed").await;
+    pause_within("the pause image after it was removed").await;
 
     // containerd restarted without it: back once containerd answers.
     remove(direct(), &pause).await;
@@ -772,7 +764,7 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
     let _ = client(proxy.channel())
         .image_fs_info(cri::ImageFsInfoRequest {})
         .await;
-    present_within("the pause image after containerd restarted").await;
+    pause_within("the pause image after containerd restarted").await;
 
     let scrape = || support::get_unix(&metrics, "/metrics");
     // containerd lists the image a moment before the daemon's pull returns.
@@ -801,6 +793,25 @@ async fn image_present(channel: tonic::transport::Channel, image: String) -> boo
         .await
         .map(|r| r.into_inner().image.is_some())
         .unwrap_or(false)
+}
+
+/// Waits up to 20 s for containerd at `socket` to have `image`; failing,
+/// names `what` and shows the daemon's log.
+async fn present_within(
+    socket: &std::path::Path,
+    image: &str,
+    what: &str,
+    proxy: &support::ProxyProcess,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !image_present(support::channel(socket), image.to_owned()).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not there after 20 s; the daemon's log:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// What the pause image work is for: a node whose only pause image is in
@@ -868,15 +879,13 @@ async fn pod_starts_with_only_a_private_pause_image(version: ContainerdVersion, 
             ..Default::default()
         },
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !image_present(support::channel(&containerd.socket), pause.clone()).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon should have pulled the pause image: {}",
-            proxy.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    present_within(
+        &containerd.socket,
+        &pause,
+        "the pause image at start",
+        &proxy,
+    )
+    .await;
     let logs = proxy.logs();
     assert!(
         logs.contains("looking after the sandbox image") && logs.contains(source),
@@ -909,15 +918,13 @@ async fn pod_starts_with_only_a_private_pause_image(version: ContainerdVersion, 
     let _ = client(proxy.channel())
         .image_fs_info(cri::ImageFsInfoRequest {})
         .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !image_present(support::channel(&containerd.socket), pause.clone()).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the pause image after containerd restarted: {}",
-            proxy.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    present_within(
+        &containerd.socket,
+        &pause,
+        "the pause image after containerd restarted",
+        &proxy,
+    )
+    .await;
     let id = support::pod::run(&containerd.socket, "after-restart", &pod_logs)
         .await
         .expect("a pod starts after containerd restarted");

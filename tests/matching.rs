@@ -6,7 +6,7 @@
 //! EKS AMI's default `matchImages`, each naming its source. Every
 //! `[[match]]` row is checked twice: its `kubelet` column against kubelet's
 //! `URLsMatchStr`, transcribed into Go and run on Go's own `net/url` and
-//! `path/filepath` (tests/support/urlsmatch), so the table itself cannot be
+//! `path/filepath` (tests/support/kubelet_go), so the table itself cannot be
 //! wrong; then the daemon's matcher against the same column, or against
 //! `ours` where the row records a deliberate difference and says why.
 //!
@@ -120,12 +120,20 @@ fn expected<T: Clone>(upstream: &T, ours: &Option<T>, why: &Option<String>, sour
     }
 }
 
-/// Runs a Go helper that answers one JSON line per JSON input line.
+/// Builds tests/support/kubelet_go: kubelet's matcher and distribution's
+/// reference parser, on Go's own libraries.
+fn kubelet_go() -> std::path::PathBuf {
+    support::go::build("kubelet_go", "kubelet_go")
+}
+
+/// Runs `kubelet_go mode`: one JSON answer per JSON input line.
 fn ask_go<I: serde::Serialize, A: serde::de::DeserializeOwned>(
     binary: &std::path::Path,
+    mode: &str,
     inputs: &[I],
 ) -> Vec<A> {
     let mut child = Command::new(binary)
+        .arg(mode)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -183,13 +191,13 @@ impl Answer {
 impl Kubelet {
     fn new() -> Self {
         Kubelet {
-            binary: support::go::build("urlsmatch", "urlsmatch"),
+            binary: kubelet_go(),
         }
     }
 
     fn ask(&self, pairs: &[(String, String)]) -> Vec<Answer> {
         let pairs: Vec<[&String; 2]> = pairs.iter().map(|(p, n)| [p, n]).collect();
-        ask_go(&self.binary, &pairs)
+        ask_go(&self.binary, "urlsmatch", &pairs)
     }
 }
 
@@ -490,13 +498,13 @@ fn reference() -> impl Strategy<Value = String> {
 
 #[test]
 fn references_normalise_as_containerd_and_kubelet_parse_them() {
-    let binary = support::go::build("refparse", "refparse");
+    let binary = kubelet_go();
     let mut runner = TestRunner::default();
     let strategy = reference();
     let inputs: Vec<String> = (0..REFERENCE_CASES)
         .map(|_| strategy.new_tree(&mut runner).unwrap().current())
         .collect();
-    let answers: Vec<Parsed> = ask_go(&binary, &inputs);
+    let answers: Vec<Parsed> = ask_go(&binary, "refparse", &inputs);
     let mut failures = Vec::new();
     let (mut valid, mut newer_rule) = (0, 0);
     for (input, go) in inputs.iter().zip(&answers) {

@@ -1,16 +1,24 @@
-// Command urlsmatch answers as kubelet does. For each line of stdin, a JSON
-// array [pattern, name], it prints one JSON object: whether kubelet's config
-// validation accepts the pattern as a matchImages entry (ParseSchemelessURL
-// succeeds) and whether URLsMatchStr(pattern, name) is true.
+// Command kubelet_go answers as kubelet and containerd do, from Go's own
+// standard library and Debian's docker/distribution. It reads one JSON value
+// per line of stdin and prints one JSON object per line:
+//
+//	kubelet_go urlsmatch   [pattern, name] -> whether kubelet's config
+//	    validation accepts the pattern as a matchImages entry
+//	    (ParseSchemelessURL) and whether URLsMatchStr(pattern, name) is true;
+//	kubelet_go refparse    "reference" -> what reference.ParseNormalizedNamed
+//	    (containerd 1.6's and kubelet's grammar) makes of it: the normalised
+//	    name, tag and digest, or the error.
 //
 // parseSchemelessURL, splitURL, urlsMatchStr and urlsMatch are a direct
 // transcription of kubernetes pkg/credentialprovider/keyring.go; they run on
-// Go's own net/url, net and path/filepath, so the test compares the daemon
+// Go's own net/url, net and path/filepath, so the tests compare the daemon
 // with Go's parsing and globbing themselves, not with a second Rust copy.
 package main
 
 import (
 	"bufio"
+	_ "crypto/sha256" // digests: the algorithms containerd links in
+	_ "crypto/sha512"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +28,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/docker/distribution/reference"
 )
 
 // parseSchemelessURL is kubelet's ParseSchemelessURL.
@@ -109,38 +119,84 @@ func urlsMatch(globURL *url.URL, targetURL *url.URL) (bool, error) {
 	return true, nil
 }
 
-type answer struct {
+type match struct {
 	Valid bool   `json:"valid"`
 	Error string `json:"error,omitempty"`
 	Match bool   `json:"match"`
 }
 
+func urlsmatch(line []byte) (interface{}, error) {
+	var pair [2]string
+	if err := json.Unmarshal(line, &pair); err != nil {
+		return nil, err
+	}
+	var a match
+	if _, err := parseSchemelessURL(pair[0]); err != nil {
+		a.Error = err.Error()
+	} else {
+		a.Valid = true
+		a.Match, _ = urlsMatchStr(pair[0], pair[1])
+	}
+	return a, nil
+}
+
+type parsed struct {
+	OK     bool   `json:"ok"`
+	Error  string `json:"error,omitempty"`
+	Name   string `json:"name,omitempty"`
+	Tag    string `json:"tag,omitempty"`
+	Digest string `json:"digest,omitempty"`
+}
+
+func refparse(line []byte) (interface{}, error) {
+	var s string
+	if err := json.Unmarshal(line, &s); err != nil {
+		return nil, err
+	}
+	var a parsed
+	named, err := reference.ParseNormalizedNamed(s)
+	if err != nil {
+		a.Error = err.Error()
+		return a, nil
+	}
+	a.OK = true
+	a.Name = named.Name()
+	if t, ok := named.(reference.Tagged); ok {
+		a.Tag = t.Tag()
+	}
+	if d, ok := named.(reference.Digested); ok {
+		a.Digest = d.Digest().String()
+	}
+	return a, nil
+}
+
 func main() {
+	modes := map[string]func([]byte) (interface{}, error){
+		"urlsmatch": urlsmatch,
+		"refparse":  refparse,
+	}
+	if len(os.Args) != 2 || modes[os.Args[1]] == nil {
+		fmt.Fprintln(os.Stderr, "usage: kubelet_go urlsmatch|refparse < JSON lines")
+		os.Exit(2)
+	}
+	answer := modes[os.Args[1]]
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 1<<20), 1<<24)
 	out := bufio.NewWriter(os.Stdout)
 	defer out.Flush()
 	enc := json.NewEncoder(out)
 	for in.Scan() {
-		var pair [2]string
-		if err := json.Unmarshal(in.Bytes(), &pair); err != nil {
-			fmt.Fprintln(os.Stderr, "urlsmatch: bad input line:", err)
-			os.Exit(2)
+		a, err := answer(in.Bytes())
+		if err == nil {
+			err = enc.Encode(a)
 		}
-		var a answer
-		if _, err := parseSchemelessURL(pair[0]); err != nil {
-			a.Error = err.Error()
-		} else {
-			a.Valid = true
-			a.Match, _ = urlsMatchStr(pair[0], pair[1])
-		}
-		if err := enc.Encode(a); err != nil {
-			fmt.Fprintln(os.Stderr, "urlsmatch:", err)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "kubelet_go:", err)
 			os.Exit(2)
 		}
 	}
 	if err := in.Err(); err != nil {
-		fmt.Fprintln(os.Stderr, "urlsmatch:", err)
+		fmt.Fprintln(os.Stderr, "kubelet_go:", err)
 		os.Exit(2)
 	}
 }
