@@ -311,64 +311,92 @@ pub async fn keep_present(proxy: Proxy, config: SandboxConfig) {
     let upstream = proxy.upstream().clone();
     let metrics = proxy.metrics().clone();
     let mut backoff = RETRY_MIN;
-    // Learn the reference; containerd may not answer yet at boot.
-    let (image, source) = loop {
-        match discover(&upstream, &config).await {
-            Ok(Some(found)) => break found,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "cannot learn the sandbox image yet");
-                wait(&upstream, backoff).await;
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
-        }
-    };
-    if proxy.resolver().target(&image).is_none() {
-        tracing::info!(image = %image, source = %source, "sandbox image matches no pattern; containerd pulls it with its own credentials");
-        return;
-    }
-    tracing::info!(image = %image, source = %source, "looking after the sandbox image");
-    backoff = RETRY_MIN;
+    // What the last check learned: the image, and whether it gets a token.
+    // Learned again at every check, so a containerd reconfigured to another
+    // pause image, or a reload that changes the patterns, is followed; the
+    // log speaks when either changes.
+    let mut known: Option<(String, bool)> = None;
     loop {
-        let next = match present(&upstream, &image).await {
-            Ok(true) => {
-                metrics.sandbox_present.set(1);
-                backoff = RETRY_MIN;
-                config.check_interval
-            }
-            Ok(false) => {
-                metrics.sandbox_present.set(0);
-                tracing::info!(image = %image, "sandbox image missing; pulling it");
-                match pull(&proxy, &image).await {
-                    Ok(()) => {
-                        metrics
-                            .sandbox_pulls
-                            .get_or_create(&SandboxLabels { result: "ok" })
-                            .inc();
-                        metrics.sandbox_present.set(1);
-                        backoff = RETRY_MIN;
-                        config.check_interval
-                    }
-                    Err(e) => {
-                        metrics
-                            .sandbox_pulls
-                            .get_or_create(&SandboxLabels { result: "error" })
-                            .inc();
-                        tracing::warn!(image = %image, error = %e, retry_in_s = backoff.as_secs(), "sandbox image pull failed");
-                        let wait = backoff;
-                        backoff = (backoff * 2).min(RETRY_MAX);
-                        wait
-                    }
-                }
-            }
+        let next = match discover(&upstream, &config).await {
+            Ok(None) => return,
+            // containerd may not answer yet at boot, or be down for a while.
             Err(e) => {
-                tracing::debug!(image = %image, error = %e, "cannot check the sandbox image");
+                if known.is_none() {
+                    tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "cannot learn the sandbox image yet");
+                } else {
+                    tracing::debug!(error = %e, retry_in_s = backoff.as_secs(), "cannot learn the sandbox image");
+                }
                 let wait = backoff;
                 backoff = (backoff * 2).min(RETRY_MAX);
                 wait
             }
+            Ok(Some((image, source))) => {
+                let matched = proxy.resolver().target(&image).is_some();
+                if known.as_ref() != Some(&(image.clone(), matched)) {
+                    if matched {
+                        tracing::info!(image = %image, source = %source, "looking after the sandbox image");
+                        backoff = RETRY_MIN;
+                    } else {
+                        tracing::info!(image = %image, source = %source, "sandbox image matches no pattern; containerd pulls it with its own credentials");
+                        metrics.sandbox_present.set(0);
+                    }
+                    known = Some((image.clone(), matched));
+                }
+                if matched {
+                    check_and_pull(&proxy, &image, &mut backoff, config.check_interval).await
+                } else {
+                    config.check_interval
+                }
+            }
         };
         wait(&upstream, next).await;
+    }
+}
+
+/// One check of `image`, pulling it when it is missing; how long to wait
+/// before the next.
+async fn check_and_pull(
+    proxy: &Proxy,
+    image: &str,
+    backoff: &mut Duration,
+    check_interval: Duration,
+) -> Duration {
+    let metrics = proxy.metrics();
+    let failed = |backoff: &mut Duration| {
+        let wait = *backoff;
+        *backoff = (*backoff * 2).min(RETRY_MAX);
+        wait
+    };
+    match present(proxy.upstream(), image).await {
+        Ok(true) => {
+            metrics.sandbox_present.set(1);
+            *backoff = RETRY_MIN;
+            check_interval
+        }
+        Ok(false) => {
+            metrics.sandbox_present.set(0);
+            tracing::info!(image = %image, "sandbox image missing; pulling it");
+            let result = pull(proxy, image).await;
+            let labels = SandboxLabels {
+                result: if result.is_ok() { "ok" } else { "error" },
+            };
+            metrics.sandbox_pulls.get_or_create(&labels).inc();
+            match result {
+                Ok(()) => {
+                    metrics.sandbox_present.set(1);
+                    *backoff = RETRY_MIN;
+                    check_interval
+                }
+                Err(e) => {
+                    tracing::warn!(image = %image, error = %e, retry_in_s = backoff.as_secs(), "sandbox image pull failed");
+                    failed(backoff)
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!(image = %image, error = %e, "cannot check the sandbox image");
+            failed(backoff)
+        }
     }
 }
 

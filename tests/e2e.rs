@@ -711,7 +711,8 @@ async fn the_readmes_pull_lines_have_the_shape_of_real_ones() {
 /// containerd pulls its pause image itself, with no credentials: one in
 /// private ECR never arrives on its own. The daemon learns it from
 /// containerd's CRI status and keeps it present: at start, after it is
-/// removed, and after containerd restarts without it.
+/// removed, after containerd restarts without it, and when containerd is
+/// reconfigured to another one.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sandbox_image_in_private_ecr_is_kept_present() {
     use support::real::{Containerd, Moto, Registry};
@@ -766,14 +767,38 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
         .await;
     pause_within("the pause image after containerd restarted").await;
 
+    // containerd reconfigured to another pause image and restarted: the
+    // daemon learns the new one and pulls it, no restart of its own.
+    registry.push_image("eks/pause", &["3.10"]);
+    let newer = format!("{ECR_HOST}/eks/pause:3.10");
+    containerd.replace_in_config(&pause, &newer);
+    containerd.restart();
+    let _ = client(proxy.channel())
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await;
+    present_within(
+        &containerd.socket,
+        &newer,
+        "the new pause image after containerd was reconfigured",
+        &proxy,
+    )
+    .await;
+    assert!(
+        proxy
+            .logs()
+            .contains(&format!("looking after the sandbox image image={newer}")),
+        "{}",
+        proxy.logs()
+    );
+
     let scrape = || support::get_unix(&metrics, "/metrics");
     // containerd lists the image a moment before the daemon's pull returns.
     let counted = |out: &str| {
         out.contains("ecr_pull_proxy_sandbox_image_present 1")
             && sample(out, "ecr_pull_proxy_sandbox_pulls_total{result=\"ok\"}").unwrap_or(0.0)
-                >= 3.0
+                >= 4.0
     };
-    support::eventually(Duration::from_secs(10), "three pulls counted", || {
+    support::eventually(Duration::from_secs(10), "four pulls counted", || {
         counted(&scrape())
     })
     .await;

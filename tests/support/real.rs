@@ -489,6 +489,18 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         wait_cri_ready(&sock);
     }
 
+    /// Replaces `from` with `to` in its config file (takes effect at the
+    /// next restart).
+    pub fn replace_in_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(
+            text.contains(from),
+            "{from} is not in {}",
+            self.config.display()
+        );
+        std::fs::write(&self.config, text.replace(from, to)).unwrap();
+    }
+
     /// containerd's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
