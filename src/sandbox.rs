@@ -84,7 +84,8 @@ fn section(table: &toml::Table, version: Option<i64>) -> Option<Option<String>> 
     Some(value.as_str().filter(|s| !s.is_empty()).map(str::to_owned))
 }
 
-/// Files one containerd config loads, most at [`MAX_CONFIG_FILES`].
+/// At most this many files (the main one and its imports) are read to
+/// learn containerd's sandbox image.
 pub const MAX_CONFIG_FILES: usize = 64;
 
 /// The sandbox image containerd's config names, reading its `imports` as
