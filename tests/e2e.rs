@@ -772,15 +772,11 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
     registry.push_image("eks/pause", &["3.10"]);
     let newer = format!("{ECR_HOST}/eks/pause:3.10");
     containerd.replace_in_config(&pause, &newer);
-    containerd.restart();
-    let _ = client(proxy.channel())
-        .image_fs_info(cri::ImageFsInfoRequest {})
-        .await;
-    present_within(
-        &containerd.socket,
+    restarted_then_present(
+        &mut containerd,
+        &proxy,
         &newer,
         "the new pause image after containerd was reconfigured",
-        &proxy,
     )
     .await;
     assert!(
@@ -837,6 +833,21 @@ async fn present_within(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Restarts containerd, makes a kubelet call reach it through the proxy
+/// as it comes back, and waits for the daemon to have `image` there.
+async fn restarted_then_present(
+    containerd: &mut support::real::Containerd,
+    proxy: &support::ProxyProcess,
+    image: &str,
+    what: &str,
+) {
+    containerd.restart();
+    let _ = client(proxy.channel())
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await;
+    present_within(&containerd.socket, image, what, proxy).await;
 }
 
 /// What the pause image work is for: a node whose only pause image is in
@@ -939,15 +950,11 @@ async fn pod_starts_with_only_a_private_pause_image(version: ContainerdVersion, 
     // it), and pods start again.
     remove(support::channel(&containerd.socket), &pause).await;
     assert!(!image_present(support::channel(&containerd.socket), pause.clone()).await);
-    containerd.restart();
-    let _ = client(proxy.channel())
-        .image_fs_info(cri::ImageFsInfoRequest {})
-        .await;
-    present_within(
-        &containerd.socket,
+    restarted_then_present(
+        &mut containerd,
+        &proxy,
         &pause,
         "the pause image after containerd restarted",
-        &proxy,
     )
     .await;
     let id = support::pod::run(&containerd.socket, "after-restart", &pod_logs)
