@@ -5,7 +5,7 @@
 //
 // Usage: grpc_go_proxy LISTEN_SOCKET UPSTREAM_SOCKET
 //
-// Built in GOPATH mode against Debian's golang-google-grpc-dev.
+// Built from tests/support/go.mod (grpc-go at the version kubelet pins).
 package main
 
 import (

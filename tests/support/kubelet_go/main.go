@@ -1,5 +1,5 @@
 // Command kubelet_go answers as kubelet and containerd do, from Go's own
-// standard library and Debian's docker/distribution. It reads one JSON value
+// standard library and docker/distribution v2.8.2 (Debian 12's version). It reads one JSON value
 // per line of stdin and prints one JSON object per line:
 //
 //	kubelet_go urlsmatch   [pattern, name] -> whether kubelet's config
@@ -48,7 +48,7 @@ func parseSchemelessURL(schemelessURL string) (*url.URL, error) {
 
 // bracketedHostIsIPv6 applies the rule Go 1.25.2 added to url.Parse
 // (CVE-2025-47912: only an IPv6 address may stand in brackets) to what an
-// older Go, such as Debian 12's 1.19, parsed; kubelet releases of 2026 are
+// older Go (Debian 12's 1.19) parsed; a no-op on Go 1.26; kubelet releases of 2026 are
 // built with a Go that has it.
 func bracketedHostIsIPv6(host string) error {
 	if !strings.HasPrefix(host, "[") {
