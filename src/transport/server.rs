@@ -107,7 +107,9 @@ async fn serve_connection(
     builder: hyper::server::conn::http2::Builder<TokioExecutor>,
     mut draining: watch::Receiver<bool>,
 ) {
-    let svc = service_fn(move |req| {
+    let first = std::sync::Once::new();
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        first.call_once(|| log_authority(&req));
         let proxy = proxy.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req).await) }
     });
@@ -132,6 +134,48 @@ async fn serve_connection(
         } else {
             tracing::warn!(error = %error_chain(&e), "closed a client connection");
         }
+    }
+}
+
+/// Most bytes of a caller's `:authority` a log line shows.
+const AUTHORITY_LOG_LIMIT: usize = 128;
+
+/// Logs, once per connection (at its first call), which `:authority` form
+/// the caller uses: kubelet and crictl >= 1.31 send `localhost`; older
+/// ones, grpcio and grpc-java the socket path, raw or percent-encoded
+/// (README "Callers"). Such values reach us only through the patched h2
+/// (third_party/h2-authority.patch), as `UnparsedAuthority`.
+fn log_authority<B>(req: &http::Request<B>) {
+    let (form, value): (&str, &[u8]) = match (
+        req.uri().authority(),
+        req.extensions().get::<h2::ext::UnparsedAuthority>(),
+    ) {
+        (Some(a), _) if a.as_str() == "localhost" => ("localhost", b"localhost"),
+        (Some(a), _) => ("host", a.as_str().as_bytes()),
+        (None, Some(h2::ext::UnparsedAuthority(raw))) => (authority_form(raw), raw),
+        (None, None) => ("none", b""),
+    };
+    let shown = &value[..value.len().min(AUTHORITY_LOG_LIMIT)];
+    tracing::debug!(
+        authority_form = form,
+        authority = %shown.escape_ascii(),
+        authority_len = value.len(),
+        "new client connection"
+    );
+}
+
+/// The form of an `:authority` that is no URI authority.
+fn authority_form(raw: &[u8]) -> &'static str {
+    if raw.is_empty() {
+        "empty"
+    } else if raw.starts_with(b"/") {
+        "socket-path"
+    } else if raw.windows(3).any(|w| w.eq_ignore_ascii_case(b"%2f")) {
+        // grpc-go: `%2Frun%2F...`; grpcio: `run%2F...` (the path after
+        // `unix:///`).
+        "percent-encoded-path"
+    } else {
+        "other"
     }
 }
 
