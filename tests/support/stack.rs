@@ -4,7 +4,9 @@ use ecr_pull_proxy::cri::{self, image_service_client::ImageServiceClient};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use super::real::{Containerd, Moto, Registry, MOTO_PASSWORD, MOTO_TOKEN_B64, NODE_SECRET_KEY};
+use super::real::{
+    Containerd, ContainerdVersion, Moto, Registry, MOTO_PASSWORD, MOTO_TOKEN_B64, NODE_SECRET_KEY,
+};
 use super::{ProxyOptions, ProxyProcess};
 
 pub const ECR_HOST: &str = "123456789012.dkr.ecr.us-east-1.amazonaws.com";
@@ -30,25 +32,40 @@ impl Stack {
         Self::with_password(hosts, MOTO_PASSWORD)
     }
 
+    /// As `start`, on containerd `version`.
+    pub fn on(version: ContainerdVersion, hosts: &[&str]) -> Stack {
+        Self::build(hosts, MOTO_PASSWORD, None, version)
+    }
+
     /// As `start`, with containerd's CRI config naming `sandbox_image` as
     /// its pause image.
     pub fn with_sandbox_image(hosts: &[&str], sandbox_image: &str) -> Stack {
-        Self::build(hosts, MOTO_PASSWORD, Some(sandbox_image))
+        Self::build(
+            hosts,
+            MOTO_PASSWORD,
+            Some(sandbox_image),
+            ContainerdVersion::One,
+        )
     }
 
     /// As `start`, with a registry that accepts `AWS`/`password`.
     pub fn with_password(hosts: &[&str], password: &str) -> Stack {
-        Self::build(hosts, password, None)
+        Self::build(hosts, password, None, ContainerdVersion::One)
     }
 
-    fn build(hosts: &[&str], password: &str, sandbox_image: Option<&str>) -> Stack {
+    fn build(
+        hosts: &[&str],
+        password: &str,
+        sandbox_image: Option<&str>,
+        version: ContainerdVersion,
+    ) -> Stack {
         let dir = super::short_tempdir();
         let moto = Moto::start(dir.path());
         let registry = Registry::start(dir.path(), "AWS", password);
         let mut mirrors: Vec<(&str, &str)> =
             hosts.iter().map(|h| (*h, registry.addr.as_str())).collect();
         mirrors.push((registry.addr.as_str(), registry.addr.as_str()));
-        let containerd = Containerd::start_with_sandbox_image(dir.path(), &mirrors, sandbox_image);
+        let containerd = Containerd::start_version(dir.path(), &mirrors, sandbox_image, version);
         Stack {
             dir,
             registry,

@@ -24,8 +24,21 @@
 // message` for each call, then `# ready N`: how many times the connection
 // became ready (1 when the caller kept one connection throughout).
 //
-// Built in GOPATH mode against Debian's golang-google-grpc-dev, which is
-// what can be installed here (no Go module proxy).
+// GRPC_GO_DIAL chooses how it dials, so that every `:authority` a grpc-go
+// caller sends is covered (tests/authority.rs):
+//
+//	kubelet (default)  passthrough:///SOCKET + WithAuthority("localhost"),
+//	                   as kubelet and crictl >= 1.31 dial: `localhost`
+//	unix               grpc.NewClient("unix://SOCKET"): grpc-go's own unix
+//	                   resolver
+//	passthrough        passthrough:///SOCKET, no WithAuthority: the socket
+//	                   path, percent-encoded (grpc-go >= 1.57)
+//	bare               grpc.Dial("SOCKET") with a dialer, as kubelet < 1.31
+//	                   dialled: the same percent-encoded path
+//	raw-path           WithAuthority(SOCKET): the raw path, as grpc-go < 1.57
+//	                   (kubelet and crictl <= 1.28) and grpc-java send it
+//
+// Built from tests/support/go.mod: grpc-go at the version kubelet pins.
 package main
 
 import (
@@ -43,6 +56,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
@@ -173,19 +187,35 @@ func echo(conn *grpc.ClientConn, image []byte) {
 	fmt.Println("stream", count, code)
 }
 
+// dial connects to socket the way GRPC_GO_DIAL says (see the file's comment).
+func dial(socket string) (*grpc.ClientConn, error) {
+	dialer := grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", socket)
+	})
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16 * 1024 * 1024)),
+	}
+	switch mode := os.Getenv("GRPC_GO_DIAL"); mode {
+	case "", "kubelet":
+		return grpc.NewClient("passthrough:///"+socket, append(opts, dialer, grpc.WithAuthority("localhost"))...)
+	case "unix":
+		return grpc.NewClient("unix://"+socket, opts...)
+	case "passthrough":
+		return grpc.NewClient("passthrough:///"+socket, append(opts, dialer)...)
+	case "bare":
+		//lint:ignore SA1019 kubelet < 1.31 dialled with grpc.DialContext and a bare path
+		return grpc.Dial(socket, append(opts, dialer)...)
+	case "raw-path":
+		return grpc.NewClient("passthrough:///"+socket, append(opts, dialer, grpc.WithAuthority(socket))...)
+	default:
+		return nil, fmt.Errorf("GRPC_GO_DIAL=%q: want kubelet, unix, passthrough, bare or raw-path", mode)
+	}
+}
+
 func main() {
 	socket, image := os.Args[1], []byte(os.Args[2])
-	// As kubelet dials its CRI endpoint: a Unix socket, no TLS, and
-	// `localhost` as the authority (kubernetes#112597; grpc-go would
-	// otherwise send the socket path, which is no valid authority).
-	conn, err := grpc.Dial("passthrough:///"+socket,
-		grpc.WithInsecure(),
-		grpc.WithAuthority("localhost"),
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, "unix", socket)
-		}),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16*1024*1024)),
-	)
+	conn, err := dial(socket)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "dial:", err)
 		os.Exit(1)
@@ -239,15 +269,21 @@ func main() {
 		name, method string
 		body         []byte
 	}{
+		{"ImageFsInfo", "ImageFsInfo", nil},
 		{"ListImages", "ListImages", nil},
 		{"ImageStatus", "ImageStatus", spec},
 		{"ImageStatus-missing", "ImageStatus", field(1, field(1, []byte("docker.io/library/nope:v1")))},
 		{"Unknown", "NoSuchMethod", nil},
 		{"PullImage", "PullImage", spec},
 		{"ImageStatus-after-pull", "ImageStatus", spec},
+		{"RemoveImage", "RemoveImage", spec},
+		{"ImageStatus-after-remove", "ImageStatus", spec},
 	}
 	for _, c := range calls {
 		code, digest := call(conn, c.method, c.body)
+		if c.method == "ImageFsInfo" && code == "OK" {
+			digest = "-" // its answer carries a timestamp
+		}
 		fmt.Println(c.name, code, digest)
 	}
 
