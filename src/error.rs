@@ -53,6 +53,20 @@ pub enum ProxyError {
         /// The limit.
         limit: usize,
     },
+    /// Reading the message would pass a buffering budget.
+    #[error("PullImage messages being read on {scope} already hold the {limit} bytes allowed; try again")]
+    Budget {
+        /// What the budget covers.
+        scope: &'static str,
+        /// The budget, in bytes.
+        limit: usize,
+    },
+    /// The message did not arrive in time.
+    #[error("the PullImage message did not arrive within {}s", limit.as_secs())]
+    SlowRequest {
+        /// The time allowed.
+        limit: std::time::Duration,
+    },
     /// The request body could not be read from the caller.
     #[error("reading the PullImage request from the caller")]
     RequestBody {
@@ -82,7 +96,8 @@ pub fn status_for(err: &ProxyError) -> Status {
             ErrorKind::Network | ErrorKind::Timeout | ErrorKind::Throttled => Code::Unavailable,
             ErrorKind::BadToken | ErrorKind::Other => Code::Unavailable,
         },
-        ProxyError::TooLarge { .. } => Code::ResourceExhausted,
+        ProxyError::TooLarge { .. } | ProxyError::Budget { .. } => Code::ResourceExhausted,
+        ProxyError::SlowRequest { .. } => Code::DeadlineExceeded,
         ProxyError::RequestBody { .. } => Code::Cancelled,
     };
     Status::new(code, format!("ecr-pull-proxy: {}", error_chain(err)))

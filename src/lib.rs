@@ -2,16 +2,20 @@
 //! credentials to `PullImage` calls on their way to containerd.
 //!
 //! Data goes one way: [`transport`] (the socket, hyper's HTTP/2 server, the
-//! service every call goes through, the shared h2 connection to
-//! containerd) → for `PullImage`, [`pull`] (wire-level read and rewrite,
+//! service every call goes through, an h2 connection to containerd per
+//! client connection) → for `PullImage`, [`pull`] (wire-level read and rewrite,
 //! credential policy, matching through [`image_ref`] and [`matcher`]) →
 //! [`ecr`] (token cache and source) → back to the upstream. [`sandbox`]
 //! keeps containerd's pause image present through the same service. [`ops`]
 //! is the operator's side (metrics, health, `check`, reload); [`config`] is
-//! read and validated before anything is bound.
+//! read and validated before anything is bound. Below them all, [`call`]
+//! (what every floor of a call shares) and [`budget`] (the memory budget
+//! for `PullImage` messages).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod budget;
+pub mod call;
 pub mod config;
 pub mod ecr;
 pub mod error;

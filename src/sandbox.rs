@@ -18,10 +18,10 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use prost::Message;
 
+use crate::call::final_status;
 use crate::config::{SandboxConfig, SandboxImage};
 use crate::cri;
 use crate::ops::metrics::SandboxLabels;
-use crate::transport::upstream::final_status;
 use crate::transport::{Proxy, Upstream};
 
 /// First wait after a failed check or pull.

@@ -454,22 +454,22 @@ async fn the_attackers_request_is_a_valid_call() {
     assert_eq!(kinds, [HEADERS, DATA, HEADERS]);
 }
 
-/// A caller that sends its socket path as `:authority` (grpc-go with a
-/// passthrough target and no `WithAuthority`, grpcio 1.57 and later,
-/// grpc-java) has that call refused by h2 with PROTOCOL_ERROR: no valid
-/// URI authority (hyperium/h2#487; kubelet and crictl send `localhost`).
-/// The refusal is that call's only: the connection goes on serving.
+/// A caller that sends its socket path as `:authority` (kubelet and
+/// crictl before 1.31, grpcio 1.57 and later, grpc-java) is served, as
+/// containerd serves it (the patched h2, third_party/h2-authority.patch):
+/// the call reaches the upstream with `localhost`, and so does the next
+/// one on the connection.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_socket_path_as_authority_is_refused_for_that_call_only() {
+async fn a_socket_path_as_authority_is_served_and_reaches_the_upstream_as_localhost() {
     let b = start().await;
     let socket = b.proxy.socket.clone();
-    let (refused, served) = tokio::task::spawn_blocking(move || {
+    let (first, second) = tokio::task::spawn_blocking(move || {
         let mut s = connect(&socket);
         let path = socket.to_str().unwrap().to_owned();
-        let bad = request_headers_with_authority("ImageFsInfo", &path);
-        s.write_all(&frame(HEADERS, END_HEADERS, 1, &bad)).unwrap();
+        let raw = request_headers_with_authority("ImageFsInfo", &path);
+        s.write_all(&frame(HEADERS, END_HEADERS, 1, &raw)).unwrap();
         s.write_all(&frame(DATA, END_STREAM, 1, &[0; 5])).unwrap();
-        let refused = frames_of(&mut s, 1);
+        let first = frames_of(&mut s, 1);
         s.write_all(&frame(
             HEADERS,
             END_HEADERS,
@@ -478,10 +478,15 @@ async fn a_socket_path_as_authority_is_refused_for_that_call_only() {
         ))
         .unwrap();
         s.write_all(&frame(DATA, END_STREAM, 3, &[0; 5])).unwrap();
-        (refused, frames_of(&mut s, 3))
+        (first, frames_of(&mut s, 3))
     })
     .await
     .unwrap();
-    assert_eq!(refused, (vec![RST_STREAM], Some(PROTOCOL_ERROR)));
-    assert_eq!(served, (vec![HEADERS, DATA, HEADERS], None));
+    assert_eq!(first, (vec![HEADERS, DATA, HEADERS], None));
+    assert_eq!(second, (vec![HEADERS, DATA, HEADERS], None));
+    let calls = b._upstream.calls();
+    assert_eq!(calls.len(), 2);
+    for c in calls {
+        assert_eq!(c.authority.as_deref(), Some("localhost"));
+    }
 }

@@ -151,10 +151,10 @@ fn config_mistakes_refuse_to_start_with_exit_64_naming_the_key() {
         ),
         ("listen = [\n", &["config file", "line 1, column", ": "]),
         ("\n\nlisten = 5\n", &["listen", "invalid type", "line 3, column 10"]),
-        ("[[registries]]\npatterns = [\"bad[\"]\nregistry = \"123456789012.dkr.ecr.us-east-1.amazonaws.com\"\n", &["registries[0].patterns[0]", "malformed glob"]),
+        ("[[registries]]\npatterns = [\"bad[\"]\nregistry = \"123456789012.dkr.ecr.us-east-1.amazonaws.com\"\n", &["registries[0].patterns[0]", "invalid IP-literal"]),
         ("aws_timeout = \"10 parsecs\"\n", &["aws_timeout"]),
         // A pattern kubelet refuses too, named with Go's reason.
-        ("[[registries]]\npatterns = [\"reg[^i]stry.example\"]\nregistry = \"123456789012.dkr.ecr.us-east-1.amazonaws.com\"\n", &["registries[0].patterns[0]", "reg[^i]stry.example", "not a URL kubelet accepts", "invalid character \"^\" in host name"]),
+        ("[[registries]]\npatterns = [\"reg^stry.example\"]\nregistry = \"123456789012.dkr.ecr.us-east-1.amazonaws.com\"\n", &["registries[0].patterns[0]", "reg^stry.example", "not a URL kubelet accepts", "invalid character \"^\" in host name"]),
         // The matchImages of a kubelet CredentialProviderConfig are checked
         // the same way.
         ("credential_provider_config = \"tests/matching/bad-provider-config.yaml\"\n", &["credential_provider_config", "matchImages", "[1.2.3.4]:5000", "not an IPv6 address"]),

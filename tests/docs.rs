@@ -110,7 +110,7 @@ fn readme_states_the_defaults_the_code_uses() {
             ecr_pull_proxy::sandbox::RETRY_MIN.as_secs(),
             ecr_pull_proxy::sandbox::RETRY_MAX.as_secs() / 60
         ),
-        format!("{} bytes", config::MAX_MESSAGE_SIZE),
+        format!("{} bytes", ecr_pull_proxy::budget::MAX_PULL_MESSAGE_SIZE),
         format!("{} minutes", cache::EXPIRY_MARGIN.as_secs() / 60),
         format!("at most {} s", cache::EXPIRED_ON_ARRIVAL_TTL.as_secs()),
         format!(
@@ -126,6 +126,51 @@ fn readme_states_the_defaults_the_code_uses() {
     ];
     for e in &expected {
         assert!(readme.contains(e.as_str()), "README should state {e}");
+    }
+    // The memory budget table: each row's bound is its constant's value.
+    use ecr_pull_proxy::budget as b;
+    use ecr_pull_proxy::transport::{server as srv, upstream as up};
+    let rows = [
+        format!("| client connections | {} | `MAX_CONNECTIONS` |", srv::MAX_CONNECTIONS),
+        format!(
+            "| calls per connection | {} (gRPC clients queue beyond it) | `MAX_CONCURRENT_STREAMS` |",
+            srv::MAX_CONCURRENT_STREAMS
+        ),
+        format!(
+            "| request data h2 holds per connection | {} | `CALLER_CONNECTION_WINDOW` |",
+            size(srv::CALLER_CONNECTION_WINDOW as usize)
+        ),
+        format!(
+            "| answer data h2 holds per call for a slow reader | {} (plus one frame) | `MAX_SEND_BUFFER_PER_STREAM` |",
+            size(srv::MAX_SEND_BUFFER_PER_STREAM)
+        ),
+        format!(
+            "| answer data waiting in a connection's own upstream window | {} | `UPSTREAM_CONNECTION_WINDOW` |",
+            size(up::UPSTREAM_CONNECTION_WINDOW as usize)
+        ),
+        format!(
+            "| request header block, per call | {} | `MAX_REQUEST_HEADER_LIST_SIZE` |",
+            size(srv::MAX_REQUEST_HEADER_LIST_SIZE as usize)
+        ),
+        format!(
+            "| one `PullImage` message | {} | `MAX_PULL_MESSAGE_SIZE` |",
+            size(b::MAX_PULL_MESSAGE_SIZE)
+        ),
+        format!(
+            "| `PullImage` messages being read | {} per connection, {} in all | `PULL_BUFFER_PER_CONNECTION`, `PULL_BUFFER_TOTAL` |",
+            size(b::PULL_BUFFER_PER_CONNECTION),
+            size(b::PULL_BUFFER_TOTAL)
+        ),
+        format!(
+            "| time for a `PullImage` message to arrive | {} s | `PULL_MESSAGE_TIMEOUT` |",
+            b::PULL_MESSAGE_TIMEOUT.as_secs()
+        ),
+    ];
+    for row in &rows {
+        assert!(
+            readme.contains(row.as_str()),
+            "README's memory budget should have the row\n{row}"
+        );
     }
     for p in DEFAULT_PATTERNS {
         assert!(
@@ -265,4 +310,13 @@ fn the_development_table_names_every_source_file_and_nothing_else() {
         unnamed.is_empty(),
         "the README's Development table leaves out {unnamed:?}"
     );
+}
+
+/// `2 MiB`, `32 KiB`: how the README writes a size.
+fn size(bytes: usize) -> String {
+    if bytes.is_multiple_of(1024 * 1024) {
+        format!("{} MiB", bytes / (1024 * 1024))
+    } else {
+        format!("{} KiB", bytes / 1024)
+    }
 }

@@ -33,6 +33,8 @@ pub const FAMILIES: &[&str] = &[
     "ecr_pull_proxy_aws_call_duration_seconds",
     "ecr_pull_proxy_token_expiry_seconds",
     "ecr_pull_proxy_upstream_up",
+    "ecr_pull_proxy_connections_total",
+    "ecr_pull_proxy_connections_open",
     "ecr_pull_proxy_sandbox_image_present",
     "ecr_pull_proxy_sandbox_pulls_total",
     "ecr_pull_proxy_build_info",
@@ -191,6 +193,10 @@ pub struct Metrics {
     pub token_expiry: Family<TokenLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// 1 while the upstream connection is up.
     pub upstream_up: Gauge,
+    /// Client connections accepted.
+    pub connections: Counter,
+    /// Client connections open now.
+    pub connections_open: Gauge,
     /// 1 while the sandbox image the daemon looks after is present.
     pub sandbox_present: Gauge,
     /// Pulls of the sandbox image the daemon made, by result.
@@ -266,8 +272,20 @@ impl Metrics {
         );
         registry.register(
             "upstream_up",
-            "1 while the connection to the upstream socket is up",
+            "1 while the last connection made to the upstream socket is up",
             upstream_up.clone(),
+        );
+        let connections = Counter::default();
+        registry.register(
+            "connections",
+            "Client connections accepted on the listening socket",
+            connections.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            connections_open.clone(),
         );
         let sandbox_present = Gauge::default();
         registry.register(
@@ -300,6 +318,8 @@ impl Metrics {
             aws_duration,
             token_expiry,
             upstream_up,
+            connections,
+            connections_open,
             sandbox_present,
             sandbox_pulls,
         }

@@ -5,31 +5,32 @@
 //! per-pull log line and metrics.
 //!
 //! Nothing here reads a frame or knows about sockets: requests and answers
-//! are `http` values, sent through [`Upstream::send`].
+//! are `http` values, sent through the [`Forward`] the transport hands in,
+//! and the message is read within the caller's [`ConnectionBudget`].
 
 pub mod credentials;
 pub mod wire;
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame};
-use http_body_util::{BodyExt, Collected, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use tonic::Code;
 
 pub use wire::{frame, read, unframe, with_credentials, Credentials, WireError, GRPC_HEADER_LEN};
 
+use crate::budget::{ConnectionBudget, Held, MAX_PULL_MESSAGE_SIZE, PULL_MESSAGE_TIMEOUT};
+use crate::call::{
+    boxed, failed, final_status, status_response, Forward, ProxyBody, PULL_IMAGE_PATH,
+};
 use crate::config::{ExistingCredentials, MAX_MESSAGE_SIZE};
 use crate::ecr::CacheOutcome;
 use crate::error::{error_chain, status_for, BoxError, ProxyError};
 use crate::ops::metrics::{Metrics, PullLabels};
-use crate::transport::service::{boxed, failed, status_response, PULL_IMAGE_PATH};
-use crate::transport::upstream::final_status;
-use crate::transport::{ProxyBody, Upstream};
 use credentials::{Resolver, Target};
 
 /// How the credentials of a forwarded pull were decided, for logs.
@@ -119,8 +120,9 @@ impl PullRecord {
 /// Handles one `PullImage`: reads it, decides on credentials and forwards
 /// it. `record` is filled in as soon as the image is known, so that a pull
 /// the caller cancels is still logged.
-pub async fn pull_image<B>(
-    upstream: &Arc<Upstream>,
+pub async fn pull_image<B, F: Forward>(
+    upstream: F,
+    budget: &ConnectionBudget,
     resolver: &Resolver,
     req: Request<B>,
     record: &mut Option<PullRecord>,
@@ -131,14 +133,22 @@ where
 {
     let pull = Pull { upstream };
     let (parts, body) = req.into_parts();
-    let (body, request_trailers) =
-        match read_limited(body, MAX_MESSAGE_SIZE + GRPC_HEADER_LEN).await {
-            Ok(v) => v,
-            Err(err) => {
-                tracing::warn!(error = %error_chain(&err), "PullImage refused");
-                return status_response(&status_for(&err));
-            }
-        };
+    // Given back when the pull has been forwarded (this function returns).
+    let mut held = Held::default();
+    let reading = read_limited(body, budget, &mut held);
+    let received = match tokio::time::timeout(PULL_MESSAGE_TIMEOUT, reading).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::SlowRequest {
+            limit: PULL_MESSAGE_TIMEOUT,
+        }),
+    };
+    let (body, request_trailers) = match received {
+        Ok(v) => v,
+        Err(err) => {
+            tracing::warn!(error = %error_chain(&err), "PullImage refused");
+            return status_response(&status_for(&err));
+        }
+    };
     let parsed = unframe(&body).and_then(|m| read(m).map(|info| (m, info)));
     let (message, info) = match parsed {
         Ok(v) => v,
@@ -185,7 +195,7 @@ where
         };
         if !refused {
             return match first {
-                Ok((head, collected)) => Response::from_parts(head, boxed(collected)),
+                Ok((head, answer)) => Response::from_parts(head, answer.into_body()),
                 Err(e) => failed(PULL_IMAGE_PATH, &e),
             };
         }
@@ -211,11 +221,11 @@ where
 }
 
 /// One pull's way to the upstream.
-struct Pull<'a> {
-    upstream: &'a Arc<Upstream>,
+struct Pull<F> {
+    upstream: F,
 }
 
-impl Pull<'_> {
+impl<F: Forward> Pull<F> {
     #[allow(clippy::too_many_arguments)]
     async fn with_token(
         &self,
@@ -276,43 +286,85 @@ impl Pull<'_> {
     }
 
     /// Sends the (possibly rewritten) request and streams the answer back.
-    async fn send(
+    // The futures of `send` and `send_buffered` own what they need and
+    // borrow nothing of `self`.
+    fn send(
         &self,
         parts: &http::request::Parts,
         body: Bytes,
         trailers: Option<HeaderMap>,
-    ) -> Response<ProxyBody> {
-        match self
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send + 'static {
+        let forwarded = self
             .upstream
-            .send(request_from(parts, body, trailers))
-            .await
-        {
-            Ok(r) => r.map(boxed),
-            Err(e) => failed(PULL_IMAGE_PATH, &e),
+            .clone()
+            .forward(request_from(parts, body, trailers));
+        async move {
+            match forwarded.await {
+                Ok(r) => r,
+                Err(e) => failed(PULL_IMAGE_PATH, &e),
+            }
         }
     }
 
     /// Sends and reads the whole answer, so that it can be inspected before
     /// the caller sees it (the `fallback` policy).
-    async fn send_buffered(
+    fn send_buffered(
         &self,
         parts: &http::request::Parts,
         body: Bytes,
         trailers: Option<HeaderMap>,
-    ) -> Result<(http::response::Parts, Collected<Bytes>), ProxyError> {
-        let resp = self
+    ) -> impl std::future::Future<Output = Result<(http::response::Parts, Answer), ProxyError>>
+           + Send
+           + 'static {
+        let path = self.upstream.path().to_owned();
+        let forwarded = self
             .upstream
-            .send(request_from(parts, body, trailers))
-            .await?;
-        let (head, body) = resp.into_parts();
-        let collected = Limited::new(body, MAX_MESSAGE_SIZE + GRPC_HEADER_LEN)
-            .collect()
-            .await
-            .map_err(|source| ProxyError::ResponseBody {
-                path: self.upstream.path().to_owned(),
-                source,
-            })?;
-        Ok((head, collected))
+            .clone()
+            .forward(request_from(parts, body, trailers));
+        async move {
+            let (head, mut body) = forwarded.await?.into_parts();
+            let limit = MAX_MESSAGE_SIZE + GRPC_HEADER_LEN;
+            let mut answer = Answer::default();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|source| ProxyError::ResponseBody {
+                    path: path.clone(),
+                    source,
+                })?;
+                match frame.into_data() {
+                    Ok(d) if answer.data.len() + d.len() > limit => {
+                        return Err(ProxyError::ResponseBody {
+                            path,
+                            source: format!("answer larger than {limit} bytes").into(),
+                        })
+                    }
+                    Ok(d) => answer.data.extend_from_slice(&d),
+                    Err(frame) => answer.trailers = frame.into_trailers().ok(),
+                }
+            }
+            Ok((head, answer))
+        }
+    }
+}
+
+/// An upstream answer read whole (bounded): its data and trailers.
+#[derive(Default)]
+struct Answer {
+    data: bytes::BytesMut,
+    trailers: Option<HeaderMap>,
+}
+
+impl Answer {
+    fn trailers(&self) -> Option<&HeaderMap> {
+        self.trailers.as_ref()
+    }
+
+    /// The answer as a body again, for the caller.
+    fn into_body(self) -> ProxyBody {
+        let full = Full::new(self.data.freeze());
+        match self.trailers {
+            None => boxed(full),
+            Some(t) => boxed(full.with_trailers(std::future::ready(Some(Ok(t))))),
+        }
     }
 }
 
@@ -345,15 +397,19 @@ fn request_from(
     req
 }
 
-/// Reads a request body of at most `limit` bytes, and its trailers.
+/// Reads a `PullImage` request body (one gRPC message: at most
+/// [`MAX_PULL_MESSAGE_SIZE`] plus its header) and its trailers, each chunk
+/// taken from `budget` into `held` as it arrives.
 async fn read_limited<B>(
     mut body: B,
-    limit: usize,
+    budget: &ConnectionBudget,
+    held: &mut Held,
 ) -> Result<(Bytes, Option<HeaderMap>), ProxyError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
+    let limit = MAX_PULL_MESSAGE_SIZE + GRPC_HEADER_LEN;
     let mut data = bytes::BytesMut::new();
     let mut trailers = None;
     while let Some(frame) = body.frame().await {
@@ -362,10 +418,25 @@ where
             Ok(d) => {
                 if data.len() + d.len() > limit {
                     return Err(ProxyError::TooLarge {
-                        limit: MAX_MESSAGE_SIZE,
+                        limit: MAX_PULL_MESSAGE_SIZE,
                     });
                 }
+                budget.take(held, d.len()).map_err(|e| ProxyError::Budget {
+                    scope: e.scope(),
+                    limit: e.limit(),
+                })?;
                 data.extend_from_slice(&d);
+                // The gRPC header announces the message's length: refuse an
+                // oversized one before its bytes arrive.
+                if let Some(announced) = data.get(1..GRPC_HEADER_LEN) {
+                    let announced =
+                        u32::from_be_bytes(announced.try_into().expect("4 bytes")) as usize;
+                    if announced > MAX_PULL_MESSAGE_SIZE {
+                        return Err(ProxyError::TooLarge {
+                            limit: MAX_PULL_MESSAGE_SIZE,
+                        });
+                    }
+                }
             }
             Err(frame) => trailers = frame.into_trailers().ok(),
         }

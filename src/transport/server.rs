@@ -8,31 +8,58 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::sync::Arc;
+
 use tokio::net::UnixStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::socket::Listening;
-use super::{Proxy, CONNECTION_WINDOW, STREAM_WINDOW};
+use super::Proxy;
 use crate::error::error_chain;
 
+// What the daemon may hold for one client connection, whatever the caller
+// sends or fails to read, is bounded by these limits (README
+// "Reliability" adds them up): what h2 buffers of its requests
+// ([`CALLER_CONNECTION_WINDOW`]), of its answers
+// ([`MAX_SEND_BUFFER_PER_STREAM`] per stream, [`MAX_CONCURRENT_STREAMS`]
+// streams, and its own upstream connection's window,
+// [`super::upstream::UPSTREAM_CONNECTION_WINDOW`]), and its header blocks;
+// `PullImage` messages being read have a budget of their own
+// ([`crate::budget`]). [`MAX_CONNECTIONS`] bounds the sum.
+
+/// Most client connections served at once. kubelet keeps one; crictl opens
+/// one per command; a node has a few more callers at most. Past it, a new
+/// connection waits (in the socket's backlog) until one closes.
+pub const MAX_CONNECTIONS: usize = 32;
 /// Most concurrent calls per client connection. kubelet makes a handful at
-/// a time on one connection; a caller that opens more waits for a free
-/// slot (gRPC clients honour the limit), and h2 refuses streams beyond it.
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// Largest request header block accepted from a caller. CRI callers send a
-/// few hundred bytes; h2 closes a connection whose header block (or flood
-/// of CONTINUATION frames) grows past this.
-pub const MAX_REQUEST_HEADER_LIST_SIZE: u32 = 256 * 1024;
+/// a time on one connection (pulls are serialised by default); a caller
+/// that opens more waits for a free slot (gRPC clients honour the limit),
+/// and h2 refuses streams beyond it.
+pub const MAX_CONCURRENT_STREAMS: u32 = 64;
+/// HTTP/2 receive window per stream towards callers: what a caller may
+/// send of a request before the proxy reads it. CRI requests are a few
+/// KiB; larger ones still flow, at the pace the proxy reads them.
+pub const CALLER_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 receive window per client connection: the most request data h2
+/// holds for one connection.
+pub const CALLER_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Largest request header block accepted from a caller (hyper's default,
+/// named here because the memory budget counts it once per call). CRI
+/// callers send a few hundred bytes; h2 refuses a header block (or a flood
+/// of CONTINUATION frames) that grows past this.
+pub const MAX_REQUEST_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// Streams a caller may reset before the server has accepted them, before
 /// h2 closes the connection with `ENHANCE_YOUR_CALM` (the "rapid reset"
-/// defence).
+/// defence). h2's default, named because the abuse tests rely on it.
 pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// Streams the server may reset for a caller's protocol errors before h2
-/// closes the connection with `ENHANCE_YOUR_CALM`.
+/// closes the connection with `ENHANCE_YOUR_CALM` (hyper's default).
 pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-/// Answer bytes buffered per stream for a caller that reads slowly; beyond
-/// it the upstream's answer waits (flow control), nothing grows.
-pub const MAX_SEND_BUFFER_PER_STREAM: usize = 400 * 1024;
+/// Answer bytes h2 buffers per stream for a caller that reads slowly
+/// (hyper's default is 400 KiB); beyond it the answer waits in the
+/// upstream connection's window (flow control), nothing grows. Two HTTP/2
+/// frames: a caller that reads gets its answer at full speed.
+pub const MAX_SEND_BUFFER_PER_STREAM: usize = 32 * 1024;
 /// How long accepting pauses after an accept error (EMFILE and friends).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -40,8 +67,8 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 fn builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(CALLER_STREAM_WINDOW)
+        .initial_connection_window_size(CALLER_CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_REQUEST_HEADER_LIST_SIZE)
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
@@ -65,15 +92,32 @@ pub async fn serve(
     let builder = builder();
     let (drain, draining) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A free slot first, then the next connection.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                tracing::warn!(
+                    limit = MAX_CONNECTIONS,
+                    "client connection limit reached; new connections wait until one closes"
+                );
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         tokio::select! {
             accepted = listening.listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    proxy.metrics().connections.inc();
                     tokio::spawn(serve_connection(
                         stream,
                         proxy.clone(),
                         builder.clone(),
                         draining.clone(),
+                        slot,
                     ));
                 }
                 Err(e) => {
@@ -106,12 +150,19 @@ async fn serve_connection(
     proxy: Proxy,
     builder: hyper::server::conn::http2::Builder<TokioExecutor>,
     mut draining: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
 ) {
+    let open = proxy.metrics().connections_open.clone();
+    open.inc();
+    let _open = scopeguard(move || {
+        open.dec();
+    });
     let first = std::sync::Once::new();
+    let client = Arc::new(proxy.client_connection());
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         first.call_once(|| log_authority(&req));
-        let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+        let (proxy, client) = (proxy.clone(), client.clone());
+        async move { Ok::<_, Infallible>(proxy.handle_for(&client, req).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     let mut conn = std::pin::pin!(conn);
@@ -135,6 +186,19 @@ async fn serve_connection(
             tracing::warn!(error = %error_chain(&e), "closed a client connection");
         }
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// Most bytes of a caller's `:authority` a log line shows.

@@ -11,35 +11,15 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame};
-use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use super::Upstream;
-use crate::error::{error_chain, status_for, BoxError, ProxyError};
+use crate::budget::{Budget, ConnectionBudget};
+use crate::call::{boxed, failed, ProxyBody, PULL_IMAGE_PATH};
+use crate::error::BoxError;
 use crate::ops::metrics::Metrics;
 use crate::pull::credentials::Resolver;
 use crate::pull::PullRecord;
-
-/// The one method whose request is read.
-pub const PULL_IMAGE_PATH: &str = "/runtime.v1.ImageService/PullImage";
-
-/// The body type of answers the proxy builds itself (statuses, a pull's
-/// answer read for the `fallback` policy) or boxes once.
-pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-/// Boxes a body into the proxy's body type.
-pub fn boxed<B>(body: B) -> ProxyBody
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    body.map_err(Into::into).boxed_unsync()
-}
-
-/// A trailers-only answer carrying `status`.
-pub fn status_response(status: &tonic::Status) -> Response<ProxyBody> {
-    status.clone().into_http()
-}
 
 /// The proxy service. Cheap to clone.
 #[derive(Clone)]
@@ -48,7 +28,11 @@ pub struct Proxy {
 }
 
 struct Inner {
+    /// The daemon's own upstream connection, for its own calls.
     upstream: Arc<Upstream>,
+    budget: Budget,
+    /// The daemon's own share of the budget.
+    own_budget: ConnectionBudget,
     /// Swapped whole on reload; a call keeps the one it started with.
     resolver: std::sync::RwLock<Arc<Resolver>>,
     metrics: Arc<Metrics>,
@@ -58,18 +42,39 @@ impl Proxy {
     /// A proxy forwarding to `upstream`, adding credentials from
     /// `resolver`, counting into `metrics`.
     pub fn new(upstream: Arc<Upstream>, resolver: Resolver, metrics: Arc<Metrics>) -> Self {
+        let budget = Budget::default();
         Proxy {
             inner: Arc::new(Inner {
                 upstream,
+                own_budget: budget.connection(),
+                budget,
                 resolver: std::sync::RwLock::new(Arc::new(resolver)),
                 metrics,
             }),
         }
     }
 
-    /// The upstream.
+    /// The daemon's own upstream connection (the sandbox keeper's, and
+    /// `/readyz`'s).
     pub fn upstream(&self) -> &Arc<Upstream> {
         &self.inner.upstream
+    }
+
+    /// What a new client connection gets: an upstream connection of its own
+    /// (dialled at its first call) and its share of the budget.
+    pub fn client_connection(&self) -> ClientConnection {
+        ClientConnection {
+            upstream: Upstream::new(
+                self.inner.upstream.path(),
+                self.inner.metrics.upstream_up.clone(),
+            ),
+            budget: self.inner.budget.connection(),
+        }
+    }
+
+    /// The budget for `PullImage` messages being read.
+    pub fn budget(&self) -> &Budget {
+        &self.inner.budget
     }
 
     /// The resolver in force now.
@@ -87,8 +92,42 @@ impl Proxy {
         &self.inner.metrics
     }
 
-    /// Handles one call. Never fails: errors become gRPC statuses.
-    pub async fn handle<B>(&self, mut req: Request<B>) -> Response<ObservedBody>
+    /// Handles one call of the daemon's own, on its own upstream
+    /// connection.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ObservedBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.handle_on(
+            self.inner.upstream.clone(),
+            self.inner.own_budget.clone(),
+            req,
+        )
+        .await
+    }
+
+    /// Handles one call of a client connection. Never fails: errors become
+    /// gRPC statuses.
+    pub async fn handle_for<B>(
+        &self,
+        conn: &ClientConnection,
+        req: Request<B>,
+    ) -> Response<ObservedBody>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.handle_on(conn.upstream.clone(), conn.budget.clone(), req)
+            .await
+    }
+
+    async fn handle_on<B>(
+        &self,
+        upstream: Arc<Upstream>,
+        budget: ConnectionBudget,
+        mut req: Request<B>,
+    ) -> Response<ObservedBody>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
@@ -106,9 +145,9 @@ impl Proxy {
         };
         let response = if &*observer.method == PULL_IMAGE_PATH {
             let resolver = self.resolver();
-            crate::pull::pull_image(&self.inner.upstream, &resolver, req, &mut observer.pull).await
+            crate::pull::pull_image(upstream, &budget, &resolver, req, &mut observer.pull).await
         } else {
-            match self.inner.upstream.send(req).await {
+            match upstream.send(req).await {
                 Ok(r) => r.map(boxed),
                 Err(e) => failed(&observer.method, &e),
             }
@@ -118,10 +157,12 @@ impl Proxy {
     }
 }
 
-/// The answer to a call that failed in the proxy, logged.
-pub fn failed(method: &str, e: &ProxyError) -> Response<ProxyBody> {
-    tracing::warn!(method, error = %error_chain(e), "call failed");
-    status_response(&status_for(e))
+/// What one client connection has of its own: its upstream connection
+/// (so that a caller that stops reading stalls only itself) and its share
+/// of the budget.
+pub struct ClientConnection {
+    upstream: Arc<Upstream>,
+    budget: ConnectionBudget,
 }
 
 /// h2's client needs a scheme and an authority; kubelet sends `localhost`,

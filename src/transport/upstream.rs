@@ -1,6 +1,10 @@
-//! The daemon's own HTTP/2 connection to containerd: dialled on first use,
-//! shared by every call of every client, dialled again after containerd
-//! restarts. HTTP/2 itself (framing, HPACK, flow control) is h2's.
+//! An HTTP/2 connection to containerd: dialled on first use, dialled again
+//! after containerd restarts. Each client connection gets one of its own
+//! (as containerd gives each caller its own), so that a caller that stops
+//! reading holds only its own connection's flow-control window, never
+//! another caller's; the daemon has one more for its own calls (the
+//! sandbox keeper, `/readyz`). HTTP/2 itself (framing, HPACK, flow
+//! control) is h2's.
 //!
 //! It speaks through `h2::client` rather than hyper's client wrapper: a
 //! request's headers and the body frames already received (all of a unary
@@ -22,7 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
 use tonic::Code;
 
-use super::{CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::call::{boxed, final_status, Forward, Forwarded, ProxyBody};
 use crate::error::{code_for_reset, error_chain, BoxError, ProxyError};
 
 /// How long dialling the upstream socket (connect + HTTP/2 handshake) may take.
@@ -36,6 +40,15 @@ pub const HUNG_DIAL_BACKOFF: Duration = Duration::from_secs(1);
 /// Largest header block accepted from the upstream (containerd's error
 /// details can be large; containerd is trusted).
 pub const UPSTREAM_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024 * 1024;
+/// HTTP/2 receive window per stream towards the upstream: what containerd
+/// may send of one answer before we hand it on to the caller. Over a Unix
+/// socket a window update costs microseconds, so a multi-megabyte
+/// `ListImages` still arrives at full speed.
+pub const UPSTREAM_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 receive window per upstream connection: the most answer data
+/// held for one client connection whose caller does not read. One client
+/// connection's calls share it; no other caller's do.
+pub const UPSTREAM_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// The shared upstream connection and how to get a new one.
 pub struct Upstream {
@@ -100,10 +113,11 @@ impl Upstream {
         self.state.lock().expect("upstream lock").conn.clone()
     }
 
-    /// Forgets `conn` (it said GOAWAY or broke), so the next call dials.
-    fn forget(&self, conn: &Connection, why: &str) {
+    /// Forgets connection `generation` (it said GOAWAY or broke), so the
+    /// next call dials.
+    fn forget(&self, generation: u64, why: &str) {
         let mut state = self.state.lock().expect("upstream lock");
-        if state.conn.as_ref().map(|c| c.generation) == Some(conn.generation) {
+        if state.conn.as_ref().map(|c| c.generation) == Some(generation) {
             state.conn = None;
             state.down = true;
             self.up.set(0);
@@ -172,21 +186,23 @@ impl Upstream {
     async fn dial(self: &Arc<Self>) -> Result<Connection, BoxError> {
         let stream = tokio::net::UnixStream::connect(&self.path).await?;
         let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_window_size(UPSTREAM_STREAM_WINDOW)
+            .initial_connection_window_size(UPSTREAM_CONNECTION_WINDOW)
             .max_header_list_size(UPSTREAM_MAX_HEADER_LIST_SIZE)
             .handshake::<_, Bytes>(stream)
             .await?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let connection = Connection { send, generation };
-        let (me, gone) = (Arc::downgrade(self), connection.clone());
+        // The task holds no `SendRequest`: when this `Upstream` (and with it
+        // its client connection) is gone, the connection closes.
+        let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let why = match conn.await {
                 Ok(()) => "closed by the upstream".to_owned(),
                 Err(e) => error_chain(&e),
             };
             if let Some(me) = me.upgrade() {
-                me.forget(&gone, &why);
+                me.forget(generation, &why);
             }
         });
         Ok(connection)
@@ -200,7 +216,6 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, ProxyError>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: Into<BoxError>,
     {
         // A connection that has said GOAWAY (containerd restarting) refuses
         // new streams before anything is sent: forget it and dial once more.
@@ -212,7 +227,7 @@ impl Upstream {
                     send = Some((conn, s));
                     break;
                 }
-                Err(e) => self.forget(&conn, &error_chain(&e)),
+                Err(e) => self.forget(conn.generation, &error_chain(&e)),
             }
         }
         let Some((conn, mut send)) = send else {
@@ -236,7 +251,7 @@ impl Upstream {
     /// (the caller went away), leaves it serving every other call.
     fn call_failed(&self, conn: &Connection, e: h2::Error) -> ProxyError {
         if e.is_io() || e.is_go_away() {
-            self.forget(conn, &error_chain(&e));
+            self.forget(conn.generation, &error_chain(&e));
             return self.unavailable(e.into());
         }
         match e.reason() {
@@ -283,12 +298,14 @@ impl Upstream {
     }
 }
 
-/// The final status of a gRPC answer: in the trailers, or in the headers of
-/// a trailers-only answer.
-pub fn final_status(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<tonic::Status> {
-    trailers
-        .and_then(tonic::Status::from_header_map)
-        .or_else(|| tonic::Status::from_header_map(headers))
+impl Forward for Arc<Upstream> {
+    fn forward(self, req: Request<ProxyBody>) -> Forwarded {
+        Box::pin(async move { Ok(self.send(req).await?.map(boxed)) })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// Most bytes of a caller's request body sent upstream in one DATA frame
@@ -388,7 +405,6 @@ fn send_ready(tx: &mut h2::SendStream<Bytes>, data: Option<Bytes>, then: Then) -
 fn send_body<B>(mut body: B, mut tx: h2::SendStream<Bytes>)
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
 {
     let mut cx = Context::from_waker(std::task::Waker::noop());
     let (data, then) = take_ready(&mut body, &mut cx);
@@ -400,7 +416,6 @@ where
 async fn pump_body<B>(mut body: B, mut tx: h2::SendStream<Bytes>)
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
 {
     loop {
         // Wait for the caller's next bytes, or for the upstream to reset

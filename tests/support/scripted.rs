@@ -36,6 +36,8 @@ pub const ERROR_DETAILS: &[u8] = b"\x00\x01details\xff";
 pub struct Recorded {
     /// `/service/method`.
     pub path: String,
+    /// The `:authority` it arrived with.
+    pub authority: Option<String>,
     /// Request headers (metadata, `grpc-timeout`, `content-type`, ...).
     pub headers: HeaderMap,
     /// The raw request body (gRPC frames).
@@ -206,6 +208,7 @@ impl Recorder {
             .unwrap_or_default();
         self.calls.lock().unwrap().push(Recorded {
             path: parts.uri.path().to_owned(),
+            authority: parts.uri.authority().map(|a| a.to_string()),
             headers: parts.headers.clone(),
             body: body.clone(),
             cancelled,

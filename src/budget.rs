@@ -1,0 +1,160 @@
+//! The memory budget for `PullImage` messages, the one request the daemon
+//! reads whole before forwarding it. Every byte of such a message being
+//! read is taken from its connection's share and from the daemon's total;
+//! past either, or past one message's size, or past the time a message may
+//! take to arrive, the call ends with a clear status and nothing else is
+//! held. What HTTP/2 itself may buffer for a caller (windows, send
+//! buffers, streams, connections) is bounded by the limits in
+//! [`crate::transport`]; README "Reliability" adds the two up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Largest `PullImageRequest` accepted. A real one is a few KiB: the image
+/// reference, the pod's sandbox config and credentials. Its largest part,
+/// the pod's labels and annotations, is bounded by the pod object itself,
+/// which etcd stores in at most 1.5 MiB (its default request limit;
+/// annotations alone are capped at 256 KiB), so any real pod fits.
+pub const MAX_PULL_MESSAGE_SIZE: usize = 2 * 1024 * 1024;
+/// Most bytes of `PullImage` messages being read on one connection at
+/// once: two of the largest, or a thousand real ones. kubelet pulls one
+/// image at a time by default, a few with `serializeImagePulls: false`.
+pub const PULL_BUFFER_PER_CONNECTION: usize = 2 * MAX_PULL_MESSAGE_SIZE;
+/// Most bytes of `PullImage` messages being read at once, all connections
+/// together: eight connections' shares.
+pub const PULL_BUFFER_TOTAL: usize = 8 * PULL_BUFFER_PER_CONNECTION;
+/// How long a `PullImage` message may take to arrive once its call has
+/// started. kubelet sends the whole message with the request headers.
+pub const PULL_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The daemon's budget. Cheap to clone.
+#[derive(Clone)]
+pub struct Budget {
+    total: Arc<Semaphore>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            total: Arc::new(Semaphore::new(PULL_BUFFER_TOTAL)),
+        }
+    }
+}
+
+impl Budget {
+    /// A new share for one client connection.
+    pub fn connection(&self) -> ConnectionBudget {
+        ConnectionBudget {
+            total: self.total.clone(),
+            own: Arc::new(Semaphore::new(PULL_BUFFER_PER_CONNECTION)),
+        }
+    }
+
+    /// Bytes of the total in use now (for tests and metrics).
+    pub fn in_use(&self) -> usize {
+        PULL_BUFFER_TOTAL - self.total.available_permits()
+    }
+}
+
+/// One connection's share of the budget. Cheap to clone.
+#[derive(Clone)]
+pub struct ConnectionBudget {
+    total: Arc<Semaphore>,
+    own: Arc<Semaphore>,
+}
+
+/// Which bound a message ran into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exhausted {
+    /// The connection's share ([`PULL_BUFFER_PER_CONNECTION`]).
+    Connection,
+    /// The daemon's total ([`PULL_BUFFER_TOTAL`]).
+    Total,
+}
+
+impl Exhausted {
+    /// The bound, in bytes.
+    pub fn limit(self) -> usize {
+        match self {
+            Exhausted::Connection => PULL_BUFFER_PER_CONNECTION,
+            Exhausted::Total => PULL_BUFFER_TOTAL,
+        }
+    }
+
+    /// What the bound covers, for messages.
+    pub fn scope(self) -> &'static str {
+        match self {
+            Exhausted::Connection => "this connection",
+            Exhausted::Total => "all connections",
+        }
+    }
+}
+
+/// Bytes taken from a budget; given back when dropped.
+#[derive(Default)]
+pub struct Held {
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl ConnectionBudget {
+    /// Takes `n` more bytes for a message being read into `held`, or says
+    /// which bound it would pass. Never waits: a caller that floods gets
+    /// its answer at once and holds nothing.
+    pub fn take(&self, held: &mut Held, n: usize) -> Result<(), Exhausted> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n = u32::try_from(n).map_err(|_| Exhausted::Connection)?;
+        let own = self
+            .own
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| Exhausted::Connection)?;
+        let total = self
+            .total
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| Exhausted::Total)?;
+        held.permits.push(own);
+        held.permits.push(total);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_gets_its_share_and_no_more() {
+        let budget = Budget::default();
+        let c = budget.connection();
+        let mut held = Held::default();
+        c.take(&mut held, PULL_BUFFER_PER_CONNECTION).unwrap();
+        assert_eq!(c.take(&mut held, 1), Err(Exhausted::Connection));
+        assert_eq!(budget.in_use(), PULL_BUFFER_PER_CONNECTION);
+        drop(held);
+        assert_eq!(budget.in_use(), 0);
+        c.take(&mut Held::default(), 1).unwrap();
+    }
+
+    #[test]
+    fn the_total_bounds_every_connection_together() {
+        let budget = Budget::default();
+        let mut held = Vec::new();
+        for _ in 0..PULL_BUFFER_TOTAL / PULL_BUFFER_PER_CONNECTION {
+            let mut h = Held::default();
+            budget
+                .connection()
+                .take(&mut h, PULL_BUFFER_PER_CONNECTION)
+                .unwrap();
+            held.push(h);
+        }
+        let mut h = Held::default();
+        assert_eq!(budget.connection().take(&mut h, 1), Err(Exhausted::Total));
+        held.pop();
+        budget.connection().take(&mut h, 1).unwrap();
+    }
+}
