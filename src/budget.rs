@@ -10,6 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Largest `PullImageRequest` accepted. A real one is a few KiB: the image
@@ -22,8 +24,13 @@ pub const MAX_PULL_MESSAGE_SIZE: usize = 2 * 1024 * 1024;
 /// once: two of the largest, or a thousand real ones. kubelet pulls one
 /// image at a time by default, a few with `serializeImagePulls: false`.
 pub const PULL_BUFFER_PER_CONNECTION: usize = 2 * MAX_PULL_MESSAGE_SIZE;
-/// Most bytes of `PullImage` messages being read at once, all connections
-/// together: eight connections' shares.
+/// Bytes of each connection's share that are its own, never taken from
+/// the total: a hundred real messages. So a caller whose messages are
+/// real-sized (kubelet) is never refused because others flood.
+pub const PULL_BUFFER_RESERVED: usize = 256 * 1024;
+/// Most bytes of `PullImage` messages being read at once beyond the
+/// connections' reserved parts, all connections together: eight
+/// connections' shares.
 pub const PULL_BUFFER_TOTAL: usize = 8 * PULL_BUFFER_PER_CONNECTION;
 /// How long a `PullImage` message may take to arrive once its call has
 /// started. kubelet sends the whole message with the request headers.
@@ -48,11 +55,11 @@ impl Budget {
     pub fn connection(&self) -> ConnectionBudget {
         ConnectionBudget {
             total: self.total.clone(),
-            own: Arc::new(Semaphore::new(PULL_BUFFER_PER_CONNECTION)),
+            used: Arc::new(Mutex::new(0)),
         }
     }
 
-    /// Bytes of the total in use now (for tests and metrics).
+    /// Bytes of the total in use now.
     pub fn in_use(&self) -> usize {
         PULL_BUFFER_TOTAL - self.total.available_permits()
     }
@@ -62,7 +69,8 @@ impl Budget {
 #[derive(Clone)]
 pub struct ConnectionBudget {
     total: Arc<Semaphore>,
-    own: Arc<Semaphore>,
+    /// Bytes this connection holds now.
+    used: Arc<Mutex<usize>>,
 }
 
 /// Which bound a message ran into.
@@ -95,30 +103,42 @@ impl Exhausted {
 /// Bytes taken from a budget; given back when dropped.
 #[derive(Default)]
 pub struct Held {
-    permits: Vec<OwnedSemaphorePermit>,
+    taken: Vec<(Arc<Mutex<usize>>, usize)>,
+    total: Vec<OwnedSemaphorePermit>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for (used, n) in self.taken.drain(..) {
+            *used.lock().expect("budget lock") -= n;
+        }
+    }
 }
 
 impl ConnectionBudget {
     /// Takes `n` more bytes for a message being read into `held`, or says
     /// which bound it would pass. Never waits: a caller that floods gets
-    /// its answer at once and holds nothing.
+    /// its answer at once and holds nothing. What takes the connection
+    /// past its reserved part is taken from the total too.
     pub fn take(&self, held: &mut Held, n: usize) -> Result<(), Exhausted> {
         if n == 0 {
             return Ok(());
         }
-        let n = u32::try_from(n).map_err(|_| Exhausted::Connection)?;
-        let own = self
-            .own
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| Exhausted::Connection)?;
-        let total = self
-            .total
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| Exhausted::Total)?;
-        held.permits.push(own);
-        held.permits.push(total);
+        let mut used = self.used.lock().expect("budget lock");
+        if *used + n > PULL_BUFFER_PER_CONNECTION {
+            return Err(Exhausted::Connection);
+        }
+        let over = (*used + n).saturating_sub(PULL_BUFFER_RESERVED)
+            - used.saturating_sub(PULL_BUFFER_RESERVED);
+        if over > 0 {
+            let permit = u32::try_from(over)
+                .ok()
+                .and_then(|over| self.total.clone().try_acquire_many_owned(over).ok())
+                .ok_or(Exhausted::Total)?;
+            held.total.push(permit);
+        }
+        *used += n;
+        held.taken.push((self.used.clone(), n));
         Ok(())
     }
 }
@@ -127,6 +147,8 @@ impl ConnectionBudget {
 mod tests {
     use super::*;
 
+    const OVER_RESERVE: usize = PULL_BUFFER_PER_CONNECTION - PULL_BUFFER_RESERVED;
+
     #[test]
     fn a_connection_gets_its_share_and_no_more() {
         let budget = Budget::default();
@@ -134,27 +156,39 @@ mod tests {
         let mut held = Held::default();
         c.take(&mut held, PULL_BUFFER_PER_CONNECTION).unwrap();
         assert_eq!(c.take(&mut held, 1), Err(Exhausted::Connection));
-        assert_eq!(budget.in_use(), PULL_BUFFER_PER_CONNECTION);
+        assert_eq!(budget.in_use(), OVER_RESERVE);
         drop(held);
         assert_eq!(budget.in_use(), 0);
-        c.take(&mut Held::default(), 1).unwrap();
+        c.take(&mut Held::default(), PULL_BUFFER_PER_CONNECTION)
+            .unwrap();
     }
 
     #[test]
-    fn the_total_bounds_every_connection_together() {
+    fn the_total_bounds_what_connections_hold_beyond_their_reserve() {
         let budget = Budget::default();
         let mut held = Vec::new();
-        for _ in 0..PULL_BUFFER_TOTAL / PULL_BUFFER_PER_CONNECTION {
+        let mut n = 0;
+        loop {
             let mut h = Held::default();
-            budget
-                .connection()
-                .take(&mut h, PULL_BUFFER_PER_CONNECTION)
-                .unwrap();
-            held.push(h);
+            match budget.connection().take(&mut h, PULL_BUFFER_PER_CONNECTION) {
+                Ok(()) => held.push(h),
+                Err(e) => {
+                    assert_eq!(e, Exhausted::Total);
+                    break;
+                }
+            }
+            n += 1;
         }
-        let mut h = Held::default();
-        assert_eq!(budget.connection().take(&mut h, 1), Err(Exhausted::Total));
+        assert_eq!(n, PULL_BUFFER_TOTAL / OVER_RESERVE);
+        // A real-sized message still fits in a connection's reserve.
+        budget
+            .connection()
+            .take(&mut Held::default(), 8 * 1024)
+            .unwrap();
         held.pop();
-        budget.connection().take(&mut h, 1).unwrap();
+        budget
+            .connection()
+            .take(&mut Held::default(), PULL_BUFFER_PER_CONNECTION)
+            .unwrap();
     }
 }

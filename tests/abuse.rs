@@ -490,3 +490,450 @@ async fn a_socket_path_as_authority_is_served_and_reaches_the_upstream_as_localh
         assert_eq!(c.authority.as_deref(), Some("localhost"));
     }
 }
+
+// === the memory budget and isolation (README "Memory budget") ===
+
+use bytes::Bytes;
+use ecr_pull_proxy::budget::{
+    MAX_PULL_MESSAGE_SIZE, PULL_BUFFER_PER_CONNECTION, PULL_MESSAGE_TIMEOUT,
+};
+use ecr_pull_proxy::transport::server::{
+    MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS, MAX_REQUEST_HEADER_LIST_SIZE,
+};
+
+/// Growth of the daemon's peak memory (VmHWM minus its RSS before the
+/// attack) the floods below stay under.
+const GROWTH_LIMIT_KIB: u64 = 200 * 1024;
+/// The other client's slowest call during a flood stays under this.
+const OTHER_CALL_LIMIT: Duration = Duration::from_secs(1);
+
+/// An HTTP/2 client connection from h2 itself: it honours flow control,
+/// so a flood through it goes as fast as the daemon lets it, no faster.
+async fn h2_connect(socket: &Path) -> h2::client::SendRequest<Bytes> {
+    let io = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (send, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.unwrap()
+}
+
+fn grpc_request(method: &str, script: Option<&str>) -> http::Request<()> {
+    let mut b = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost/runtime.v1.ImageService/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(s) = script {
+        b = b.header("x-script", s);
+    }
+    b.body(()).unwrap()
+}
+
+/// Writes a gRPC header announcing `announced` bytes, then `send` bytes of
+/// message as flow control allows, ending the stream if `end`.
+async fn feed(mut tx: h2::SendStream<Bytes>, announced: u32, send: usize, end: bool) {
+    let mut head = vec![0u8];
+    head.extend_from_slice(&announced.to_be_bytes());
+    if tx.send_data(Bytes::from(head), false).is_err() {
+        return;
+    }
+    let chunk = Bytes::from(vec![b'm'; 16 * 1024]);
+    let mut left = send;
+    while left > 0 {
+        tx.reserve_capacity(chunk.len().min(left));
+        match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+            Some(Ok(n)) if n > 0 => {
+                let n = n.min(left);
+                if tx.send_data(chunk.slice(..n), false).is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            Some(Ok(_)) => continue,
+            _ => return,
+        }
+    }
+    if end {
+        let _ = tx.send_data(Bytes::new(), true);
+    } else {
+        // Never finished: held open until the daemon answers.
+        let _ = std::future::poll_fn(|cx| tx.poll_reset(cx)).await;
+    }
+}
+
+/// The gRPC status code of an answer (trailers-only or with trailers).
+async fn grpc_code(resp: h2::client::ResponseFuture) -> Option<String> {
+    let resp = resp.await.ok()?;
+    if let Some(s) = resp.headers().get("grpc-status") {
+        return Some(s.to_str().unwrap().to_owned());
+    }
+    let mut body = resp.into_body();
+    while let Some(d) = body.data().await {
+        let d = d.ok()?;
+        let _ = body.flow_control().release_capacity(d.len());
+    }
+    let t = body.trailers().await.ok()??;
+    Some(t.get("grpc-status")?.to_str().unwrap().to_owned())
+}
+
+/// Another client (its own connection) calling `ImageFsInfo` and
+/// `PullImage` every 20 ms until `stop`: (calls, slowest).
+fn other_client(
+    proxy: &ProxyProcess,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u32, Duration)> {
+    let channel = proxy.channel();
+    tokio::spawn(async move {
+        let (mut calls, mut slowest) = (0u32, Duration::ZERO);
+        // PullImageRequest { image: { image: "registry.example/app:v1" } }:
+        // no pattern matches it, so the scripted upstream's echo answers.
+        let image = b"registry.example/app:v1";
+        let mut pull = vec![0x0a, image.len() as u8 + 2, 0x0a, image.len() as u8];
+        pull.extend_from_slice(image);
+        while !stop.load(Ordering::SeqCst) || calls < 4 {
+            let started = Instant::now();
+            tokio::time::timeout(Duration::from_secs(30), raw::image_fs_info(channel.clone()))
+                .await
+                .expect("ImageFsInfo answered")
+                .expect("ImageFsInfo OK");
+            slowest = slowest.max(started.elapsed());
+            let started = Instant::now();
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                raw::unary(
+                    channel.clone(),
+                    "/runtime.v1.ImageService/PullImage",
+                    tonic::Request::new(Bytes::from(pull.clone())),
+                ),
+            )
+            .await
+            .expect("PullImage answered")
+            .expect("PullImage OK");
+            slowest = slowest.max(started.elapsed());
+            calls += 2;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (calls, slowest)
+    })
+}
+
+/// Floods of `PullImage` messages from `MAX_CONNECTIONS - 1` connections
+/// (the other client has the last), each with every stream it may open:
+/// announced 16 MiB; announced 2 MiB and fed as fast as flow control
+/// allows, never finished; announced small and sent huge, finished. Every
+/// stream is refused (`ResourceExhausted`), or ends `DeadlineExceeded`
+/// after the message timeout; memory growth stays under the budget, and
+/// the other client's calls, pulls included, answer within a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_message_floods_are_bounded_and_other_callers_are_answered() {
+    let b = start().await;
+    raw::image_fs_info(b.proxy.channel()).await.unwrap();
+    let (idle, _) = b.proxy.rss_kib();
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = other_client(&b.proxy, stop.clone());
+
+    let mut streams = Vec::new();
+    for c in 0..MAX_CONNECTIONS - 1 {
+        let mut send = h2_connect(&b.proxy.socket).await;
+        for s in 0..MAX_CONCURRENT_STREAMS as usize {
+            send = send.ready().await.unwrap();
+            let (resp, tx) = send
+                .send_request(grpc_request("PullImage", None), false)
+                .unwrap();
+            let (announced, size, end) = match (c + s) % 3 {
+                0 => (16 * 1024 * 1024, 1024 * 1024, false),
+                1 => (MAX_PULL_MESSAGE_SIZE as u32, MAX_PULL_MESSAGE_SIZE, false),
+                _ => (1024, MAX_PULL_MESSAGE_SIZE + 1024 * 1024, true),
+            };
+            tokio::spawn(feed(tx, announced, size, end));
+            streams.push(tokio::spawn(grpc_code(resp)));
+        }
+    }
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    for s in streams {
+        let code = tokio::time::timeout(PULL_MESSAGE_TIMEOUT * 3, s)
+            .await
+            .expect("every flooding stream is answered")
+            .unwrap()
+            .unwrap_or_else(|| "none".into());
+        *codes.entry(code).or_default() += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (calls, slowest) = other.await.unwrap();
+    let (_, hwm) = b.proxy.rss_kib();
+    println!(
+        "PullImage flood: {} streams on {} connections; codes {codes:?}; daemon RSS idle {idle} KiB, VmHWM {hwm} KiB (+{} KiB); other client: {calls} calls, slowest {slowest:.1?}",
+        (MAX_CONNECTIONS - 1) * MAX_CONCURRENT_STREAMS as usize,
+        MAX_CONNECTIONS - 1,
+        hwm - idle
+    );
+    // Refused at once (8, ResourceExhausted), or held until the message
+    // timeout (4, DeadlineExceeded): none reached the upstream.
+    assert!(codes.keys().all(|c| c == "8" || c == "4"), "{codes:?}");
+    assert!(codes.get("8").copied().unwrap_or(0) > 0, "{codes:?}");
+    assert!(codes.get("4").copied().unwrap_or(0) > 0, "{codes:?}");
+    assert!(
+        b._upstream
+            .calls()
+            .iter()
+            .all(|c| c.path.ends_with("ImageFsInfo") || c.body.len() < 1024),
+        "a flooding pull reached the upstream"
+    );
+    assert!(
+        hwm - idle < GROWTH_LIMIT_KIB,
+        "the daemon grew by {} KiB",
+        hwm - idle
+    );
+    assert!(
+        slowest < OTHER_CALL_LIMIT,
+        "the other client waited {slowest:?}"
+    );
+    let logs = b.proxy.logs();
+    assert!(
+        logs.contains("PullImage request is larger than 2097152 bytes"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&format!(
+            "already hold the {PULL_BUFFER_PER_CONNECTION} bytes allowed"
+        )),
+        "{logs}"
+    );
+    assert!(logs.contains("did not arrive within 10s"), "{logs}");
+}
+
+/// Callers that never read the 8 MiB answers they asked for, from every
+/// connection the limits allow with every stream: each stalls only its
+/// own connection (it has its own upstream connection), memory growth
+/// stays under the budget, and the other client's calls answer within a
+/// second. Against one shared upstream connection, eight such streams
+/// stopped every other caller (issue #23).
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_that_never_read_large_answers_stall_only_themselves() {
+    let b = start().await;
+    raw::image_fs_info(b.proxy.channel()).await.unwrap();
+    let (idle, _) = b.proxy.rss_kib();
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS - 1 {
+        let mut send = h2_connect(&b.proxy.socket).await;
+        for _ in 0..MAX_CONCURRENT_STREAMS {
+            send = send.ready().await.unwrap();
+            let (resp, mut tx) = send
+                .send_request(grpc_request("ListImages", Some("big:8388608")), false)
+                .unwrap();
+            tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+                .unwrap();
+            // The answer's head is awaited; its body never read.
+            held.push(tokio::spawn(async move {
+                let r = resp.await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(r);
+            }));
+        }
+        held.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(send);
+        }));
+    }
+    // Let every stalled answer fill what it can.
+    support::eventually(
+        Duration::from_secs(60),
+        "the stalled answers reach the upstream",
+        || b._upstream.calls().len() > (MAX_CONNECTIONS - 1) * MAX_CONCURRENT_STREAMS as usize / 2,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = other_client(&b.proxy, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (calls, slowest) = other.await.unwrap();
+    let (_, hwm) = b.proxy.rss_kib();
+    println!(
+        "stalled readers: {} streams asking 8 MiB each on {} connections, upstream saw {}; daemon RSS idle {idle} KiB, VmHWM {hwm} KiB (+{} KiB); other client: {calls} calls, slowest {slowest:.1?}",
+        (MAX_CONNECTIONS - 1) * MAX_CONCURRENT_STREAMS as usize,
+        MAX_CONNECTIONS - 1,
+        b._upstream.calls().len(),
+        hwm - idle
+    );
+    assert!(
+        hwm - idle < GROWTH_LIMIT_KIB,
+        "the daemon grew by {} KiB",
+        hwm - idle
+    );
+    assert!(
+        slowest < OTHER_CALL_LIMIT,
+        "the other client waited {slowest:?}"
+    );
+    for h in held {
+        h.abort();
+    }
+}
+
+/// At most `MAX_CONNECTIONS` client connections are served at once; the
+/// next is served as soon as one closes. `connections_open` counts them.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_the_limit_wait_for_a_free_one() {
+    let b = start().await;
+    let mut open = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut send = h2_connect(&b.proxy.socket).await;
+        send = send.ready().await.unwrap();
+        let (resp, mut tx) = send
+            .send_request(grpc_request("ImageFsInfo", None), false)
+            .unwrap();
+        tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        assert_eq!(grpc_code(resp).await.as_deref(), Some("0"));
+        open.push(send);
+    }
+    let metrics = support::get_unix(&b.metrics, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "ecr_pull_proxy_connections_open {MAX_CONNECTIONS}"
+        )),
+        "{metrics}"
+    );
+    let socket = b.proxy.socket.clone();
+    let waiting = tokio::spawn(async move {
+        let mut send = h2_connect(&socket).await;
+        send = send.ready().await.unwrap();
+        let (resp, mut tx) = send
+            .send_request(grpc_request("ImageFsInfo", None), false)
+            .unwrap();
+        tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        grpc_code(resp).await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a connection past the limit was served"
+    );
+    assert!(b.proxy.logs().contains("client connection limit reached"));
+    drop(open.pop());
+    let code = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert_eq!(code.as_deref(), Some("0"));
+}
+
+/// Exactly `MAX_CONCURRENT_STREAMS` calls of one connection reach the
+/// upstream at once; h2 refuses the streams past it.
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_max_concurrent_streams_calls_reach_the_upstream() {
+    let b = start().await;
+    let socket = b.proxy.socket.clone();
+    let extra = 16u32;
+    let refused = tokio::task::spawn_blocking(move || {
+        let mut s = connect(&socket);
+        let mut block = request_headers("ImageFsInfo");
+        // x-script: hang (literal without indexing, new name).
+        block.extend_from_slice(&[0x00, 8]);
+        block.extend_from_slice(b"x-script");
+        block.push(4);
+        block.extend_from_slice(b"hang");
+        for n in 0..MAX_CONCURRENT_STREAMS + extra {
+            let id = 2 * n + 1;
+            s.write_all(&frame(HEADERS, END_HEADERS, id, &block))
+                .unwrap();
+            s.write_all(&frame(DATA, END_STREAM, id, &[0; 5])).unwrap();
+        }
+        let mut refused = 0;
+        read_frames(&mut s, |kind, _, _, _| {
+            if kind == RST_STREAM {
+                refused += 1;
+            }
+            refused < extra
+        });
+        (refused, s)
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.0, extra);
+    support::eventually(
+        Duration::from_secs(10),
+        "the calls reach the upstream",
+        || b._upstream.calls().len() == MAX_CONCURRENT_STREAMS as usize,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b._upstream.calls().len(), MAX_CONCURRENT_STREAMS as usize);
+}
+
+/// A header block as HEADERS and CONTINUATION frames of at most 16 KiB.
+fn header_frames(stream: u32, block: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let chunks: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+    for (i, c) in chunks.iter().enumerate() {
+        let kind = if i == 0 { HEADERS } else { CONTINUATION };
+        let flags = if i + 1 == chunks.len() {
+            END_HEADERS
+        } else {
+            0
+        };
+        out.extend(frame(kind, flags, stream, c));
+    }
+    out
+}
+
+/// A request header block just under `MAX_REQUEST_HEADER_LIST_SIZE` is
+/// served; just over, it is refused and never reaches the upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn header_blocks_past_the_limit_are_refused() {
+    let b = start().await;
+    let socket = b.proxy.socket.clone();
+    let (under, over) = tokio::task::spawn_blocking(move || {
+        let mut s = connect(&socket);
+        // h2 counts each field as name + value + 32 bytes.
+        let base = {
+            let fields = [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/runtime.v1.ImageService/ImageFsInfo"),
+                (":authority", "localhost"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ];
+            fields
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 32)
+                .sum::<usize>()
+        };
+        let with_padding = |total: usize| {
+            let value_len = total - base - "x-pad".len() - 32;
+            let mut block = request_headers("ImageFsInfo");
+            block.extend_from_slice(&[0x00, 5]);
+            block.extend_from_slice(b"x-pad");
+            // HPACK length prefix (7-bit with continuation).
+            let mut n = value_len - 127;
+            block.push(0x7f);
+            while n >= 128 {
+                block.push((n % 128) as u8 | 0x80);
+                n /= 128;
+            }
+            block.push(n as u8);
+            block.extend(std::iter::repeat_n(b'p', value_len));
+            block
+        };
+        let limit = MAX_REQUEST_HEADER_LIST_SIZE as usize;
+        // h2 refuses a list that reaches the limit: one byte less is the
+        // largest served.
+        s.write_all(&header_frames(1, &with_padding(limit - 1)))
+            .unwrap();
+        s.write_all(&frame(DATA, END_STREAM, 1, &[0; 5])).unwrap();
+        let under = frames_of(&mut s, 1);
+        s.write_all(&header_frames(3, &with_padding(limit)))
+            .unwrap();
+        s.write_all(&frame(DATA, END_STREAM, 3, &[0; 5])).unwrap();
+        let over = frames_of(&mut s, 3);
+        (under, over)
+    })
+    .await
+    .unwrap();
+    assert_eq!(under, (vec![HEADERS, DATA, HEADERS], None));
+    assert_ne!(over.0.first(), Some(&DATA), "{over:?}");
+    assert_eq!(b._upstream.calls().len(), 1, "only the one under the limit");
+}

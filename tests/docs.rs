@@ -162,6 +162,10 @@ fn readme_states_the_defaults_the_code_uses() {
             size(b::PULL_BUFFER_TOTAL)
         ),
         format!(
+            "| of which each connection has to itself, whatever others send | {} (a hundred real messages) | `PULL_BUFFER_RESERVED` |",
+            size(b::PULL_BUFFER_RESERVED)
+        ),
+        format!(
             "| time for a `PullImage` message to arrive | {} s | `PULL_MESSAGE_TIMEOUT` |",
             b::PULL_MESSAGE_TIMEOUT.as_secs()
         ),

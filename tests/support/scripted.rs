@@ -171,6 +171,19 @@ pub fn frame(msg: &[u8]) -> Bytes {
     v.into()
 }
 
+/// A framed message of `n` bytes, made once per size and shared, so that
+/// thousands of large answers cost the test process one buffer.
+fn big_message(n: usize) -> Bytes {
+    static MADE: std::sync::OnceLock<Mutex<std::collections::HashMap<usize, Bytes>>> =
+        std::sync::OnceLock::new();
+    MADE.get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry(n)
+        .or_insert_with(|| frame(&vec![b'x'; n]))
+        .clone()
+}
+
 fn respond(data: Vec<Bytes>, trailers: HeaderMap) -> http::Response<Body> {
     let mut frames: Vec<Result<Frame<Bytes>, Infallible>> =
         data.into_iter().map(|d| Ok(Frame::data(d))).collect();
@@ -217,7 +230,7 @@ impl Recorder {
         let resp = match verb {
             "big" => {
                 let n: usize = arg.parse().unwrap();
-                respond(vec![frame(&vec![b'x'; n])], ok_trailers())
+                respond(vec![big_message(n)], ok_trailers())
             }
             "stream" => {
                 let n: usize = arg.parse().unwrap();
