@@ -963,3 +963,42 @@ async fn pod_starts_with_only_a_private_pause_image(version: ContainerdVersion, 
     support::pod::remove(&containerd.socket, &id).await.unwrap();
     assert_no_secrets(&proxy.logs());
 }
+
+/// A test server whose port another process took between the pick and the
+/// bind (seen under load on a fresh machine: moto "listening", then
+/// `Connection refused`) is started again on another port, and the port
+/// returned is the one *it* listens on, not merely one that answers.
+#[test]
+fn a_server_whose_port_was_taken_is_started_again_on_another() {
+    let moto = support::require("moto_server", "moto[server] from PyPI");
+    let dir = support::short_tempdir();
+    let mut squatter = None;
+    let (mut child, port) = support::real::start_on_free_port("moto_server", |port| {
+        if squatter.is_none() {
+            // Someone else binds the port first, and answers connects.
+            squatter = Some((
+                port,
+                std::net::TcpListener::bind(("127.0.0.1", port)).unwrap(),
+            ));
+        }
+        std::process::Command::new(&moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    });
+    let (taken, _listener) = squatter.unwrap();
+    assert_ne!(port, taken, "moto is said to listen on the squatted port");
+    let (status, _, _) = support::real::http(
+        &format!("127.0.0.1:{port}"),
+        "GET",
+        "/?Action=GetCallerIdentity&Version=2011-06-15",
+        &[],
+        b"",
+    );
+    assert_eq!(status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}

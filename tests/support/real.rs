@@ -31,6 +31,60 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Starts a server with `start(port)` on a free loopback port and waits
+/// until *that process* listens there. A port picked free can be taken by
+/// another process before the server binds it (seen under load: moto
+/// "listening", then `Connection refused`); then the server exits, or
+/// someone else answers, and it is started again on another port.
+pub fn start_on_free_port(what: &str, mut start: impl FnMut(u16) -> Child) -> (Child, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = start(port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                break; // it exited: the port was taken; try another
+            }
+            if listens_on(child.id(), port) {
+                return (child, port);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not listen on port {port} within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.wait();
+    }
+    panic!("{what} could not bind a loopback port in five tries");
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
+/// (the kernel's socket table, then the process's descriptors).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let local = format!("0100007F:{port:04X}");
+    let Some(inode) = table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_owned())
+    }) else {
+        return false;
+    };
+    let target = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path())
+                    .map(|l| l.to_string_lossy() == target)
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
 fn kill(child: &mut Option<Child>) {
     if let Some(mut c) = child.take() {
         let _ = c.kill();
@@ -115,27 +169,25 @@ impl Registry {
         let dir = dir.join("registry");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n",
-            data = dir.join("data").display(),
-            htpasswd = dir.join("htpasswd").display(),
-        );
-        std::fs::write(dir.join("config.yml"), config).unwrap();
-        let log = std::fs::File::create(dir.join("log")).unwrap();
         let access_log = dir.join("access.log");
-        let access = std::fs::File::create(&access_log).unwrap();
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(dir.join("config.yml"))
-            .stdout(access)
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        wait_until(Duration::from_secs(20), "registry to listen", || {
-            TcpStream::connect(&addr).is_ok()
+        let (child, port) = start_on_free_port("docker-registry", |port| {
+            let config = format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n",
+                data = dir.join("data").display(),
+                htpasswd = dir.join("htpasswd").display(),
+            );
+            std::fs::write(dir.join("config.yml"), config).unwrap();
+            let log = std::fs::File::create(dir.join("log")).unwrap();
+            let access = std::fs::File::create(&access_log).unwrap();
+            Command::new(&bin)
+                .arg("serve")
+                .arg(dir.join("config.yml"))
+                .stdout(access)
+                .stderr(log)
+                .spawn()
+                .unwrap()
         });
+        let addr = format!("127.0.0.1:{port}");
         Registry {
             child: Some(child),
             addr,
@@ -575,21 +627,19 @@ impl Moto {
             "moto_server",
             "moto[server] from PyPI (`pip install 'moto[server]'`)",
         );
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("MOTO_ENABLE_RECORDING", "True")
-            // The recording is a file in the working directory: one per moto.
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        wait_until(Duration::from_secs(60), "moto_server to listen", || {
-            TcpStream::connect(&addr).is_ok()
+        let (child, port) = start_on_free_port("moto_server", |port| {
+            let log = std::fs::File::create(dir.join("moto.log")).unwrap();
+            Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .env("MOTO_ENABLE_RECORDING", "True")
+                // The recording is a file in the working directory: one per moto.
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap()
         });
+        let addr = format!("127.0.0.1:{port}");
         let m = Moto {
             child: Some(child),
             addr,
