@@ -280,12 +280,26 @@ struct FileRegistry {
 }
 
 /// A role to assume before asking ECR for a token (cross-account).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Role {
     /// `arn:aws:iam::ACCOUNT:role/NAME`.
     pub arn: String,
-    /// The external ID the role's trust policy requires, if any.
+    /// The external ID the role's trust policy requires, if any. A shared
+    /// secret of sorts (it guards against the confused deputy): never
+    /// printed, `Debug` included.
     pub external_id: Option<String>,
+}
+
+impl std::fmt::Debug for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Role")
+            .field("arn", &self.arn)
+            .field(
+                "external_id",
+                &self.external_id.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// A `[[registries]]` entry: images matching `patterns` get credentials for
@@ -985,6 +999,11 @@ mod tests {
         let r = &c.credentials.registries[0];
         assert_eq!(r.registry.region, "eu-west-1");
         assert_eq!(r.role.as_ref().unwrap().external_id.as_deref(), Some("ext"));
+        // Neither the role's nor the whole configuration's Debug shows it.
+        let role_debug = format!("{:?}", r.role.as_ref().unwrap());
+        assert!(role_debug.contains("<redacted>"), "{role_debug}");
+        assert!(!role_debug.contains("\"ext\""), "{role_debug}");
+        assert!(!format!("{c:?}").contains("\"ext\""));
     }
 
     #[test]

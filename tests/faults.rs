@@ -118,10 +118,14 @@ async fn with_token_wait_zero_ecr_faults_fail_fast_naming_the_cause_and_calls_st
     }
 
     // An endpoint nobody listens on.
-    let proxy = s.proxy_with_env(
+    let metrics = s.dir.path().join("closed-metrics.sock");
+    let metrics_arg: &'static str =
+        Box::leak(format!("unix:{}", metrics.display()).into_boxed_str());
+    let proxy = s.proxy_with_env_args(
         "closed",
         "aws_timeout = \"2s\"\ntoken_wait = \"0s\"",
         env_with(&s, "http://127.0.0.1:1"),
+        vec!["--metrics-listen", metrics_arg],
     );
     let started = Instant::now();
     let err = pull(proxy.channel(), &image, None).await.unwrap_err();
@@ -132,6 +136,19 @@ async fn with_token_wait_zero_ecr_faults_fail_fast_naming_the_cause_and_calls_st
         "{}",
         err.message()
     );
+    // The pull line and the series say no token was had, with the label
+    // values the PullsFailing alert selects on.
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("credentials=\"no-token\" cache=\"-\""),
+        "{logs}"
+    );
+    assert!(!logs.contains("credentials=\"injected\""), "{logs}");
+    let scraped = support::get_unix(&metrics, "/metrics");
+    let series = format!(
+        "ecr_pull_proxy_pulls_total{{registry=\"{ECR_HOST}\",result=\"error\",credentials=\"no-token\"}} 1"
+    );
+    assert!(scraped.contains(&series), "{scraped}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -113,7 +113,7 @@ pub struct PullLabels {
     pub registry: String,
     /// `ok`, `error` or `cancelled`.
     pub result: &'static str,
-    /// `injected`, `caller`, `fallback` or `none`.
+    /// `injected`, `caller`, `fallback`, `none` or `no-token`.
     pub credentials: &'static str,
 }
 
@@ -124,8 +124,63 @@ pub struct AwsLabels {
     /// `sts:AssumeRole` (a registry entry's `role_arn`).
     pub api: &'static str,
     /// `ok`, or the AWS error code (`ThrottlingException`, `HTTP 429`,
-    /// `timeout`, ...).
+    /// `Timeout`, ...): one of [`AWS_CODES`], an `HTTP NNN`, or `other`
+    /// ([`aws_code_label`]), so an endpoint cannot grow the label set.
     pub code: String,
+}
+
+/// The AWS result codes `aws_calls_total` names as they are: `ok`, the
+/// error codes ECR, ECR Public and STS document for these calls and those
+/// the alert rules select on, and the daemon's own kinds for errors
+/// without a code. Anything else is `other`.
+pub const AWS_CODES: &[&str] = &[
+    "ok",
+    // Throttling (alert EcrPullProxyAwsThrottled).
+    "ThrottlingException",
+    "Throttling",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    // Refusals of the identity (alert EcrPullProxyAwsRefused).
+    "AccessDenied",
+    "AccessDeniedException",
+    "UnrecognizedClientException",
+    "InvalidClientTokenId",
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "NoCredentials",
+    "CredentialsError",
+    // Other documented errors.
+    "InvalidParameterException",
+    "ServerException",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "InternalFailure",
+    "RegionDisabledException",
+    "MalformedPolicyDocument",
+    "PackedPolicyTooLarge",
+    "IDPCommunicationError",
+    // The daemon's kinds (`ErrorKind`) for errors without a code
+    // (`AccessDenied` and `NoCredentials` are above).
+    "Network",
+    "Timeout",
+    "Throttled",
+    "BadToken",
+    "Other",
+];
+
+/// The `code` label for an AWS result code: itself when it is one of
+/// [`AWS_CODES`] or `HTTP` and three digits, else `other`.
+pub fn aws_code_label(code: &str) -> String {
+    let http_status = code
+        .strip_prefix("HTTP ")
+        .is_some_and(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()));
+    if http_status || AWS_CODES.contains(&code) {
+        code.to_owned()
+    } else {
+        "other".to_owned()
+    }
 }
 
 /// Labels of `sandbox_pulls_total`.
@@ -360,6 +415,7 @@ impl Metrics {
 
     /// Records one AWS call.
     pub fn observe_aws(&self, api: &'static str, code: String, elapsed: Duration) {
+        let code = aws_code_label(&code);
         self.aws_calls.get_or_create(&AwsLabels { api, code }).inc();
         self.aws_duration
             .get_or_create(&ApiLabels { api })
@@ -372,6 +428,28 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+}
+
+#[cfg(test)]
+mod aws_code_tests {
+    use super::*;
+
+    #[test]
+    fn aws_codes_outside_the_known_set_are_other() {
+        for (code, label) in [
+            ("ok", "ok"),
+            ("ThrottlingException", "ThrottlingException"),
+            ("HTTP 429", "HTTP 429"),
+            ("Timeout", "Timeout"),
+            ("HTTP 4290", "other"),
+            ("HTTP abc", "other"),
+            ("SomethingAnEndpointMadeUp", "other"),
+            ("AKIA-looking-secret", "other"),
+            ("", "other"),
+        ] {
+            assert_eq!(aws_code_label(code), label, "{code}");
+        }
     }
 }
 

@@ -44,6 +44,9 @@ pub enum CredentialSourceKind {
     Fallback,
     /// The image matched no pattern; forwarded as it was.
     None,
+    /// The image matched, but no token could be had: the pull failed in
+    /// the proxy (its message says why).
+    NoToken,
 }
 
 impl CredentialSourceKind {
@@ -54,6 +57,7 @@ impl CredentialSourceKind {
             Self::Caller => "caller",
             Self::Fallback => "fallback",
             Self::None => "none",
+            Self::NoToken => "no-token",
         }
     }
 }
@@ -269,6 +273,12 @@ impl<F: Forward> Pull<F> {
                     error = %error_chain(&err),
                     "no ECR token for this pull"
                 );
+                *record = Some(PullRecord::new(
+                    image,
+                    Some(target),
+                    CredentialSourceKind::NoToken,
+                    None,
+                ));
                 return status_response(&status_for(&err));
             }
         };
