@@ -336,7 +336,20 @@ fn unescape(s: &[u8], mode: Mode) -> Result<Vec<u8>, String> {
                         String::from_utf8_lossy(&s[i..i + 3])
                     ));
                 }
-                out.push((hi * 16 + lo) as u8);
+                // In an IPv6 zone, an escape may only make a byte that could
+                // stand there unescaped (or a space).
+                let v = (hi * 16 + lo) as u8;
+                if mode == Mode::Zone
+                    && &s[i..i + 3] != b"%25"
+                    && v != b' '
+                    && (v >= 0x80 || !host_byte(v))
+                {
+                    return Err(format!(
+                        "invalid URL escape {:?}",
+                        String::from_utf8_lossy(&s[i..i + 3])
+                    ));
+                }
+                out.push(v);
                 i += 3;
             }
             b if matches!(mode, Mode::Host | Mode::Zone) && b < 0x80 && !host_byte(b) => {
@@ -639,6 +652,9 @@ mod tests {
             ("x.example:ab", "invalid port \":ab\""),
             ("reg[^i]stry.example", "invalid IP-literal"),
             ("reg^stry.example", "invalid character \"^\""),
+            // Found by the property test: in an IPv6 zone an escape may only
+            // make a byte that could stand there as it is.
+            ("[::%25%c3%a91]:916", "invalid URL escape \"%c3\""),
             ("reg\\*.example", "invalid character \"\\\\\""),
             ("x .example", "invalid character \" \""),
             ("x.example/a b", "whitespace"),

@@ -134,3 +134,86 @@ fn check_shows_the_sandbox_image_its_source_and_presence() {
     );
     assert_no_secret_in(&out);
 }
+
+/// What `check` prints of its argument cannot forge a line of the report
+/// or reach the terminal as a control sequence.
+#[test]
+fn check_escapes_an_image_reference_with_control_characters() {
+    let image = "x\nproblem: forged\u{1b}[31m";
+    let (_, out) = check("/nonexistent/c.sock", image, &[]);
+    assert!(
+        !out.lines().any(|l| l.starts_with("problem: forged")),
+        "{out}"
+    );
+    assert!(!out.contains('\u{1b}'), "{out:?}");
+    assert!(out.contains("x\\nproblem: forged\\u{1b}[31m"), "{out}");
+}
+
+/// With credentials but no reachable STS, the identity line says STS
+/// could not be reached, not that it refused them.
+#[test]
+fn check_tells_an_unreachable_sts_from_a_refusal() {
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "check-secret-key-77".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:1".to_owned()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+    ];
+    let (code, out) = check("/nonexistent/c.sock", &format!("{ECR_HOST}/app:v1"), &env);
+    assert_ne!(code, Some(0));
+    assert!(out.contains(", but STS could not be reached"), "{out}");
+    assert!(!out.contains("does not accept"), "{out}");
+    assert!(!out.contains("check-secret-key-77"), "{out}");
+}
+
+/// GovCloud registries are labelled with their partition; the image line
+/// says which token it needs, not that it has one.
+#[test]
+fn check_names_govcloud_as_its_own_partition() {
+    let (_, out) = check(
+        "/nonexistent/c.sock",
+        "123456789012.dkr.ecr.us-gov-west-1.amazonaws.com/app:v1",
+        &[("AWS_EC2_METADATA_DISABLED", "true".to_owned())],
+    );
+    assert!(
+        out.contains("needs a token for aws-us-gov/us-gov-west-1/standard"),
+        "{out}"
+    );
+    assert!(out.contains("token                 none"), "{out}");
+}
+
+/// An imported kubelet CredentialProviderConfig whose matchImages covers
+/// ECR Public turns its token on, and `check` says so.
+#[test]
+fn check_shows_ecr_public_on_through_an_imported_config() {
+    let dir = support::short_tempdir();
+    let provider = dir.path().join("cp.yaml");
+    std::fs::write(
+        &provider,
+        "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: ecr-credential-provider\n    matchImages:\n      - \"*.dkr.ecr.*.amazonaws.com\"\n      - \"public.ecr.aws\"\n    defaultCacheDuration: \"12h\"\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n",
+    )
+    .unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("credential_provider_config = \"{}\"\n", provider.display()),
+    )
+    .unwrap();
+    let args = [
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--upstream",
+        "/nonexistent/c.sock",
+    ];
+    let (_, out) = run_with_env(
+        &args,
+        &[("AWS_EC2_METADATA_DISABLED", "true".to_owned())],
+        TIMEOUT,
+    );
+    assert!(
+        out.contains("ecr_public            true (an imported matchImages covers public.ecr.aws)"),
+        "{out}"
+    );
+}

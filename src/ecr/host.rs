@@ -69,7 +69,8 @@ pub struct EcrHost {
     pub account: String,
     /// The AWS region, e.g. `us-east-1`.
     pub region: String,
-    /// The AWS partition: `aws`, `aws-cn`, `aws-eusc`, `aws-iso`, ...
+    /// The AWS partition: `aws`, `aws-us-gov` (GovCloud: its regions share
+    /// the commercial suffix), `aws-cn`, `aws-eusc`, `aws-iso`, ...
     pub partition: &'static str,
     /// Which API endpoint flavour to ask for a token.
     pub variant: EndpointVariant,
@@ -105,9 +106,15 @@ impl EcrHost {
             SUFFIXES
         };
         let partition = table.iter().find(|(s, _)| *s == suffix).map(|(_, p)| *p)?;
+        // GovCloud shares the commercial DNS suffix; its regions say which.
+        let partition = if partition == "aws" && region.starts_with("us-gov-") {
+            "aws-us-gov"
+        } else {
+            partition
+        };
         // FIPS registry endpoints exist in the commercial and GovCloud
         // partitions only.
-        if fips && partition != "aws" {
+        if fips && !matches!(partition, "aws" | "aws-us-gov") {
             return None;
         }
         Some(EcrHost {
@@ -161,7 +168,7 @@ mod tests {
             (
                 "123456789012.dkr.ecr.us-gov-west-1.amazonaws.com",
                 "us-gov-west-1",
-                "aws",
+                "aws-us-gov",
                 std,
             ),
             (
@@ -173,7 +180,7 @@ mod tests {
             (
                 "123456789012.dkr.ecr-fips.us-gov-west-1.amazonaws.com",
                 "us-gov-west-1",
-                "aws",
+                "aws-us-gov",
                 fips,
             ),
             (

@@ -36,10 +36,10 @@ impl Report {
         let width = self.lines.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (n, v) in &self.lines {
-            out.push_str(&format!("{n:width$}  {v}\n"));
+            out.push_str(&format!("{n:width$}  {}\n", printable(v)));
         }
         for p in &self.problems {
-            out.push_str(&format!("problem: {p}\n"));
+            out.push_str(&format!("problem: {}\n", printable(p)));
         }
         if self.problems.is_empty() {
             out.push_str("ok: everything needed would work\n");
@@ -91,7 +91,19 @@ pub async fn run(config: &Config, image: Option<&str>) -> Report {
             ),
         );
     }
-    r.line("ecr_public", creds.ecr_public.to_string());
+    // What matching does, not only the key: an imported matchImages that
+    // covers the ECR Public hosts turns its token on too.
+    let public = matcher_only(config)
+        .target(&format!("{}/x/y:z", crate::ecr::ECR_PUBLIC_HOST))
+        .is_some();
+    r.line(
+        "ecr_public",
+        match (creds.ecr_public, public) {
+            (true, _) => "true".to_owned(),
+            (false, true) => "true (an imported matchImages covers public.ecr.aws)".to_owned(),
+            (false, false) => "false".to_owned(),
+        },
+    );
     r.line(
         "metrics",
         config
@@ -173,10 +185,14 @@ async fn identity(r: &mut Report, config: &Config) {
             format!("{} (credentials from {source})", out.arn().unwrap_or("?")),
         ),
         Ok(Err(e)) => {
-            r.line(
-                "AWS identity",
-                format!("credentials from {source}, but STS does not accept them"),
-            );
+            // Whether STS said no, or could not be asked at all.
+            let what = match &e {
+                aws_sdk_sts::error::SdkError::DispatchFailure(_)
+                | aws_sdk_sts::error::SdkError::TimeoutError(_) => "but STS could not be reached",
+                aws_sdk_sts::error::SdkError::ServiceError(_) => "but STS does not accept them",
+                _ => "but STS's answer could not be read",
+            };
+            r.line("AWS identity", format!("credentials from {source}, {what}"));
             r.problems.push(format!(
                 "STS GetCallerIdentity: {}",
                 crate::error::error_chain(&e)
@@ -190,6 +206,21 @@ async fn identity(r: &mut Report, config: &Config) {
             ));
         }
     }
+}
+
+/// `text` with control characters escaped (`\n`, `\u{1b}`, ...): what
+/// `check` prints comes partly from its arguments and from AWS, and must
+/// not forge a line of the report or drive the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The SDK names the provider that produced credentials only in their
@@ -255,7 +286,7 @@ async fn image_check(r: &mut Report, config: &Config, image: &str) {
     r.line(
         "image",
         format!(
-            "{image}: matches {:?}; token for {} (account {account})",
+            "{image}: matches {:?}; needs a token for {} (account {account})",
             target.pattern, target.key
         ),
     );
