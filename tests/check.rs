@@ -217,3 +217,39 @@ fn check_shows_ecr_public_on_through_an_imported_config() {
         "{out}"
     );
 }
+
+/// Behind an HTTP proxy, `check` names the proxy AWS calls use (its
+/// password redacted) and reports instance metadata left out of NO_PROXY.
+#[test]
+fn check_shows_the_http_proxy_and_warns_when_imds_would_use_it() {
+    let env = [
+        (
+            "HTTPS_PROXY",
+            "http://node:proxy-pw-31@127.0.0.1:1".to_owned(),
+        ),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+    ];
+    let (code, out) = check("/nonexistent/c.sock", &format!("{ECR_HOST}/app:v1"), &env);
+    assert_ne!(code, Some(0));
+    assert!(
+        out.contains(
+            "http proxy            http://<redacted>@127.0.0.1:1 for AWS calls; NO_PROXY unset"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "problem: NO_PROXY does not cover instance metadata (169.254.169.254, fd00:ec2::254)"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("proxy-pw-31"), "{out}");
+
+    let env = [
+        ("HTTPS_PROXY", "http://127.0.0.1:1".to_owned()),
+        ("NO_PROXY", "169.254.169.254,fd00:ec2::254".to_owned()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+    ];
+    let (_, out) = check("/nonexistent/c.sock", &format!("{ECR_HOST}/app:v1"), &env);
+    assert!(!out.contains("NO_PROXY does not cover"), "{out}");
+}

@@ -133,12 +133,112 @@ pub async fn run(config: &Config, image: Option<&str>) -> Report {
         }
     }
 
+    http_proxy(&mut r, |name| std::env::var(name).ok());
     identity(&mut r, config).await;
 
     if let Some(image) = image {
         image_check(&mut r, config, image).await;
     }
     r
+}
+
+/// Where instance metadata answers; an HTTP proxy must not be asked for it.
+const IMDS_ADDRESSES: [&str; 2] = ["169.254.169.254", "fd00:ec2::254"];
+
+/// The HTTP proxy the AWS SDK sends its calls through (`HTTPS_PROXY`,
+/// `HTTP_PROXY`, `NO_PROXY`, upper or lower case, as the SDK reads them),
+/// and a problem when instance metadata would go through it too: the
+/// classic "Unable to locate credentials" behind a proxy.
+fn http_proxy(r: &mut Report, env: impl Fn(&str) -> Option<String>) {
+    let var = |name: &str| {
+        env(name)
+            .or_else(|| env(&name.to_ascii_lowercase()))
+            .filter(|v| !v.is_empty())
+    };
+    let Some(proxy) = var("HTTPS_PROXY").or_else(|| var("HTTP_PROXY")) else {
+        r.line("http proxy", "none (AWS calls go direct)");
+        return;
+    };
+    let no_proxy = var("NO_PROXY").unwrap_or_default();
+    r.line(
+        "http proxy",
+        format!(
+            "{} for AWS calls; NO_PROXY {}",
+            without_userinfo(&proxy),
+            if no_proxy.is_empty() {
+                "unset"
+            } else {
+                &no_proxy
+            }
+        ),
+    );
+    let bypassed: Vec<&str> = IMDS_ADDRESSES
+        .into_iter()
+        .filter(|a| !no_proxy_covers(&no_proxy, a))
+        .collect();
+    if !bypassed.is_empty() {
+        r.problems.push(format!(
+            "NO_PROXY does not cover instance metadata ({}): the instance role's credentials would be asked of the proxy; add {} to NO_PROXY",
+            bypassed.join(", "),
+            bypassed.join(",")
+        ));
+    }
+}
+
+/// A proxy URL without its `user:password@`.
+fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = match rest.split_once('/') {
+        Some((authority, path)) => (authority, Some(path)),
+        None => (rest, None),
+    };
+    let host = rest.0.rsplit_once('@').map_or(rest.0, |(_, h)| h);
+    let shown = if rest.0.contains('@') {
+        format!("<redacted>@{host}")
+    } else {
+        host.to_owned()
+    };
+    let mut out = if scheme.is_empty() {
+        shown
+    } else {
+        format!("{scheme}://{shown}")
+    };
+    if let Some(path) = rest.1 {
+        out.push('/');
+        out.push_str(path);
+    }
+    out
+}
+
+/// Whether a `NO_PROXY` list names `addr`: `*`, the address itself, or an
+/// IPv4/IPv6 CIDR block that holds it.
+fn no_proxy_covers(no_proxy: &str, addr: &str) -> bool {
+    let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    no_proxy.split(',').map(str::trim).any(|entry| {
+        let entry = entry.trim_start_matches('[').trim_end_matches(']');
+        if entry == "*" || entry == addr {
+            return true;
+        }
+        let Some((net, bits)) = entry.split_once('/') else {
+            return entry.parse::<std::net::IpAddr>() == Ok(ip);
+        };
+        let (Ok(net), Ok(bits)) = (net.parse::<std::net::IpAddr>(), bits.parse::<u32>()) else {
+            return false;
+        };
+        match (net, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(a)) if bits <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(a)) if bits <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    })
 }
 
 /// The credential provider that answered and the identity's ARN.
@@ -342,5 +442,62 @@ impl CredentialSource for NoSource {
                 "not used by check",
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::*;
+
+    fn report(env: &[(&str, &str)]) -> Report {
+        let mut r = Report::default();
+        http_proxy(&mut r, |name| {
+            env.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        });
+        r
+    }
+
+    #[test]
+    fn no_proxy_means_aws_calls_go_direct() {
+        let r = report(&[]);
+        assert_eq!(r.lines[0].1, "none (AWS calls go direct)");
+        assert!(r.problems.is_empty());
+    }
+
+    #[test]
+    fn a_proxy_without_imds_in_no_proxy_is_a_problem() {
+        let r = report(&[("HTTPS_PROXY", "http://user:pw@proxy.internal:3128")]);
+        assert_eq!(
+            r.lines[0].1,
+            "http://<redacted>@proxy.internal:3128 for AWS calls; NO_PROXY unset"
+        );
+        assert!(!format!("{:?}{:?}", r.lines, r.problems).contains("pw"));
+        assert_eq!(r.problems.len(), 1);
+        assert!(r.problems[0].contains("169.254.169.254, fd00:ec2::254"));
+    }
+
+    #[test]
+    fn no_proxy_covering_imds_by_address_or_block_is_fine() {
+        for no_proxy in [
+            "169.254.169.254,fd00:ec2::254",
+            "localhost, 169.254.0.0/16, [fd00:ec2::254]",
+            "169.254.169.254/32,fd00:ec2::/32",
+            "*",
+        ] {
+            let r = report(&[("https_proxy", "http://proxy:3128"), ("no_proxy", no_proxy)]);
+            assert!(r.problems.is_empty(), "{no_proxy}: {:?}", r.problems);
+        }
+        let r = report(&[
+            ("HTTPS_PROXY", "http://proxy:3128"),
+            ("NO_PROXY", "169.254.169.254,.internal"),
+        ]);
+        assert_eq!(r.problems.len(), 1);
+        assert!(
+            r.problems[0].contains("(fd00:ec2::254)"),
+            "{:?}",
+            r.problems
+        );
     }
 }
