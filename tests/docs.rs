@@ -149,6 +149,10 @@ fn readme_states_the_defaults_the_code_uses() {
             size(up::UPSTREAM_CONNECTION_WINDOW as usize)
         ),
         format!(
+            "| framing overhead of small answer frames waiting there | {} | `UPSTREAM_DATA_FRAME_BUDGET` |",
+            size(up::UPSTREAM_DATA_FRAME_BUDGET)
+        ),
+        format!(
             "| request header block, per call | {} | `MAX_REQUEST_HEADER_LIST_SIZE` |",
             size(srv::MAX_REQUEST_HEADER_LIST_SIZE as usize)
         ),

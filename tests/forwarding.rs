@@ -542,8 +542,9 @@ async fn garbage_and_http1_close_only_that_connection() {
 async fn pull_image_over_the_limit_is_resource_exhausted_and_never_forwarded() {
     let s = setup().await;
     let msg = message_with_unknown_field("PullImage");
-    // Pad with an unknown bytes field to just over 16 MiB.
-    let msg = padded(&msg, 16 * 1024 * 1024 + 1 - msg.len());
+    // Pad with an unknown bytes field to just over the limit.
+    let limit = ecr_pull_proxy::budget::MAX_PULL_MESSAGE_SIZE;
+    let msg = padded(&msg, limit + 1 - msg.len());
     let err = raw::unary_unlimited(
         s.proxy.channel(),
         "/runtime.v1.ImageService/PullImage",
@@ -552,7 +553,12 @@ async fn pull_image_over_the_limit_is_resource_exhausted_and_never_forwarded() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("16777216"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains(&format!("larger than {limit} bytes")),
+        "{}",
+        err.message()
+    );
     // The daemon keeps serving; once this later call has reached the
     // upstream, a forwarded pull would have too: the upstream saw only it.
     raw::image_fs_info(s.proxy.channel()).await.unwrap();
@@ -1199,18 +1205,21 @@ async fn a_connection_the_upstream_closed_answers_unavailable_and_pings() {
     assert!(!client_saw_goaway(&client).await);
 }
 
-/// 1,000 client connections, each dropped with a call in flight: every
-/// upstream call is cancelled (so no task of the daemon still holds one),
-/// and the daemon's descriptors are back to what they were.
+/// 1,000 client connections (25 at a time, within `MAX_CONNECTIONS`),
+/// each dropped with a call in flight: every upstream call is cancelled
+/// (so no task of the daemon still holds one), and the daemon's
+/// descriptors, its upstream connections' included, are back to what they
+/// were.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_connections_dropped_mid_call_leave_nothing_behind() {
     const CONNECTIONS: usize = 1000;
+    const BATCHES: usize = 40;
     let s = setup().await;
     raw::image_fs_info(s.proxy.channel()).await.unwrap();
     let fds_before = s.proxy.fds();
-    for batch in 0..10 {
+    for batch in 0..BATCHES {
         let mut clients = Vec::new();
-        for _ in 0..CONNECTIONS / 10 {
+        for _ in 0..CONNECTIONS / BATCHES {
             let client = raw_h2_client(&s.proxy.socket).await;
             let mut send = client.send.clone().ready().await.unwrap();
             let (resp, mut body) = send.send_request(hanging("ImageStatus"), false).unwrap();
@@ -1218,7 +1227,7 @@ async fn a_thousand_connections_dropped_mid_call_leave_nothing_behind() {
                 .unwrap();
             clients.push((client, resp, body));
         }
-        let want = (batch + 1) * CONNECTIONS / 10;
+        let want = (batch + 1) * CONNECTIONS / BATCHES;
         support::eventually(
             Duration::from_secs(20),
             "the calls to reach the upstream",

@@ -64,10 +64,7 @@ impl Proxy {
     /// (dialled at its first call) and its share of the budget.
     pub fn client_connection(&self) -> ClientConnection {
         ClientConnection {
-            upstream: Upstream::new(
-                self.inner.upstream.path(),
-                self.inner.metrics.upstream_up.clone(),
-            ),
+            upstream: self.inner.upstream.sibling(),
             budget: self.inner.budget.connection(),
         }
     }

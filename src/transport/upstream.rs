@@ -49,6 +49,14 @@ pub const UPSTREAM_STREAM_WINDOW: u32 = 1024 * 1024;
 /// held for one client connection whose caller does not read. One client
 /// connection's calls share it; no other caller's do.
 pub const UPSTREAM_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Framing overhead of small DATA frames h2 may hold per upstream
+/// connection before it closes it as a flood (`too_many_data_frames`):
+/// each frame under 256 bytes costs 256 minus its size until the caller
+/// reads it. h2's default is half the connection window (512 KiB here),
+/// which a slow reader of `StreamImages` (thousands of small messages)
+/// exceeds; this allows about 8,000 such frames waiting. containerd is
+/// trusted; what it holds for one caller is bounded by this.
+pub const UPSTREAM_DATA_FRAME_BUDGET: usize = 2 * 1024 * 1024;
 
 /// The shared upstream connection and how to get a new one.
 pub struct Upstream {
@@ -57,7 +65,9 @@ pub struct Upstream {
     dialling: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     up: Gauge,
-    back: tokio::sync::Notify,
+    /// Shared by the daemon's upstream connections (its own and each
+    /// client connection's): woken whenever any of them dials.
+    back: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -87,7 +97,7 @@ impl Upstream {
             dialling: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
             up,
-            back: tokio::sync::Notify::new(),
+            back: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -96,8 +106,21 @@ impl Upstream {
         &self.path
     }
 
-    /// Resolves the next time the upstream answers again after it was
-    /// unreachable (containerd restarted).
+    /// Another connection to the same upstream (a client connection's
+    /// own), sharing the `up` gauge and [`Upstream::answers_again`].
+    pub fn sibling(&self) -> Arc<Self> {
+        Arc::new(Upstream {
+            path: self.path.clone(),
+            state: Mutex::new(State::default()),
+            dialling: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
+            up: self.up.clone(),
+            back: self.back.clone(),
+        })
+    }
+
+    /// Resolves the next time this upstream or a sibling dials it (after
+    /// containerd restarted, the first call that reaches it again).
     pub fn answers_again(&self) -> tokio::sync::futures::Notified<'_> {
         self.back.notified()
     }
@@ -160,10 +183,10 @@ impl Upstream {
                 self.up.set(1);
                 if std::mem::take(&mut state.down) {
                     tracing::info!(upstream = %self.path.display(), "upstream answers again");
-                    self.back.notify_waiters();
                 } else {
                     tracing::debug!(upstream = %self.path.display(), "dialled upstream");
                 }
+                self.back.notify_waiters();
                 Ok(conn)
             }
             Err(e) => {
@@ -188,6 +211,7 @@ impl Upstream {
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(UPSTREAM_STREAM_WINDOW)
             .initial_connection_window_size(UPSTREAM_CONNECTION_WINDOW)
+            .data_frame_budget(UPSTREAM_DATA_FRAME_BUDGET)
             .max_header_list_size(UPSTREAM_MAX_HEADER_LIST_SIZE)
             .handshake::<_, Bytes>(stream)
             .await?;
