@@ -48,6 +48,15 @@ impl Stack {
         )
     }
 
+    /// As `with_sandbox_image`, on containerd `version`.
+    pub fn with_sandbox_image_on(
+        version: ContainerdVersion,
+        hosts: &[&str],
+        sandbox_image: &str,
+    ) -> Stack {
+        Self::build(hosts, MOTO_PASSWORD, Some(sandbox_image), version)
+    }
+
     /// As `start`, with a registry that accepts `AWS`/`password`.
     pub fn with_password(hosts: &[&str], password: &str) -> Stack {
         Self::build(hosts, password, None, ContainerdVersion::One)
