@@ -507,6 +507,20 @@ const GROWTH_LIMIT_KIB: u64 = 200 * 1024;
 /// The other client's slowest call during a flood stays under this.
 const OTHER_CALL_LIMIT: Duration = Duration::from_secs(1);
 
+/// The daemon's peak memory grew by less than the budget during a flood,
+/// and the other client's slowest call stayed under its bound.
+fn assert_within_budget(idle_kib: u64, hwm_kib: u64, slowest: Duration) {
+    assert!(
+        hwm_kib - idle_kib < GROWTH_LIMIT_KIB,
+        "the daemon grew by {} KiB",
+        hwm_kib - idle_kib
+    );
+    assert!(
+        slowest < OTHER_CALL_LIMIT,
+        "the other client waited {slowest:?}"
+    );
+}
+
 /// An HTTP/2 client connection from h2 itself: it honours flow control,
 /// so a flood through it goes as fast as the daemon lets it, no faster.
 async fn h2_connect(socket: &Path) -> h2::client::SendRequest<Bytes> {
@@ -680,15 +694,7 @@ async fn pull_message_floods_are_bounded_and_other_callers_are_answered() {
             .all(|c| c.path.ends_with("ImageFsInfo") || c.body.len() < 1024),
         "a flooding pull reached the upstream"
     );
-    assert!(
-        hwm - idle < GROWTH_LIMIT_KIB,
-        "the daemon grew by {} KiB",
-        hwm - idle
-    );
-    assert!(
-        slowest < OTHER_CALL_LIMIT,
-        "the other client waited {slowest:?}"
-    );
+    assert_within_budget(idle, hwm, slowest);
     let logs = b.proxy.logs();
     assert!(
         logs.contains("PullImage request is larger than 2097152 bytes"),
@@ -757,15 +763,7 @@ async fn callers_that_never_read_large_answers_stall_only_themselves() {
         b._upstream.calls().len(),
         hwm - idle
     );
-    assert!(
-        hwm - idle < GROWTH_LIMIT_KIB,
-        "the daemon grew by {} KiB",
-        hwm - idle
-    );
-    assert!(
-        slowest < OTHER_CALL_LIMIT,
-        "the other client waited {slowest:?}"
-    );
+    assert_within_budget(idle, hwm, slowest);
     for h in held {
         h.abort();
     }

@@ -148,6 +148,22 @@ fn the_aws_alerts_match_every_code_the_daemon_reports() {
     {
         assert!(denied.contains(code), "{code} missing from {denied}");
     }
+    // aws_calls_total's code label is bounded: every code a rule selects
+    // on must pass through as it is, or the rule could never fire.
+    for e in [&throttled, &denied] {
+        let selected = e
+            .split_once("code=~\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(codes, _)| codes)
+            .unwrap_or_else(|| panic!("no code selector in {e}"));
+        for code in selected.split('|') {
+            assert_eq!(
+                ecr_pull_proxy::ops::metrics::aws_code_label(code),
+                code,
+                "the code label turns {code} into something the rule misses"
+            );
+        }
+    }
 }
 
 /// Every `ecr_pull_proxy_*` name in `text`.

@@ -124,34 +124,21 @@ pub struct AwsLabels {
     /// `sts:AssumeRole` (a registry entry's `role_arn`).
     pub api: &'static str,
     /// `ok`, or the AWS error code (`ThrottlingException`, `HTTP 429`,
-    /// `Timeout`, ...): one of [`AWS_CODES`], an `HTTP NNN`, or `other`
+    /// `Timeout`, ...): a known code, an `HTTP NNN`, or `other`
     /// ([`aws_code_label`]), so an endpoint cannot grow the label set.
     pub code: String,
 }
 
-/// The AWS result codes `aws_calls_total` names as they are: `ok`, the
-/// error codes ECR, ECR Public and STS document for these calls and those
-/// the alert rules select on, and the daemon's own kinds for errors
-/// without a code. Anything else is `other`.
+/// The AWS result codes `aws_calls_total` names as they are, besides the
+/// throttling and refusal codes the daemon classifies (and the alert rules
+/// select on: [`crate::ecr::aws::THROTTLING_CODES`],
+/// [`crate::ecr::aws::ACCESS_DENIED_CODES`]): `ok`, other errors ECR, ECR
+/// Public and STS document for these calls, and the daemon's own kinds for
+/// errors without a code. Anything else is `other`.
 pub const AWS_CODES: &[&str] = &[
     "ok",
-    // Throttling (alert EcrPullProxyAwsThrottled).
-    "ThrottlingException",
-    "Throttling",
-    "TooManyRequestsException",
-    "RequestLimitExceeded",
-    // Refusals of the identity (alert EcrPullProxyAwsRefused).
-    "AccessDenied",
-    "AccessDeniedException",
-    "UnrecognizedClientException",
-    "InvalidClientTokenId",
-    "InvalidSignatureException",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "ExpiredTokenException",
     "NoCredentials",
     "CredentialsError",
-    // Other documented errors.
     "InvalidParameterException",
     "ServerException",
     "ServiceUnavailable",
@@ -161,8 +148,8 @@ pub const AWS_CODES: &[&str] = &[
     "MalformedPolicyDocument",
     "PackedPolicyTooLarge",
     "IDPCommunicationError",
-    // The daemon's kinds (`ErrorKind`) for errors without a code
-    // (`AccessDenied` and `NoCredentials` are above).
+    // The daemon's kinds (`ErrorKind`) for errors without a code.
+    "AccessDenied",
     "Network",
     "Timeout",
     "Throttled",
@@ -171,12 +158,17 @@ pub const AWS_CODES: &[&str] = &[
 ];
 
 /// The `code` label for an AWS result code: itself when it is one of
-/// [`AWS_CODES`] or `HTTP` and three digits, else `other`.
+/// [`AWS_CODES`], a throttling or refusal code, or `HTTP` and three
+/// digits; else `other`.
 pub fn aws_code_label(code: &str) -> String {
+    use crate::ecr::aws::{ACCESS_DENIED_CODES, THROTTLING_CODES};
     let http_status = code
         .strip_prefix("HTTP ")
         .is_some_and(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()));
-    if http_status || AWS_CODES.contains(&code) {
+    let known = [AWS_CODES, THROTTLING_CODES, ACCESS_DENIED_CODES]
+        .iter()
+        .any(|codes| codes.contains(&code));
+    if http_status || known {
         code.to_owned()
     } else {
         "other".to_owned()

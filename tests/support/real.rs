@@ -493,8 +493,36 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             dir,
             version,
         };
+        c.assert_version();
         c.spawn();
         c
+    }
+
+    /// The binary for this version.
+    fn binary(&self) -> PathBuf {
+        match self.version {
+            ContainerdVersion::One => require("containerd", "the Debian package containerd"),
+            ContainerdVersion::Two => Path::new(CONTAINERD_2_DIR).join("containerd"),
+        }
+    }
+
+    /// The test runs on the containerd it says, not on whatever is found.
+    fn assert_version(&self) {
+        let bin = self.binary();
+        let out = Command::new(&bin).arg("--version").output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let want = match self.version {
+            ContainerdVersion::One => " 1.6.",
+            ContainerdVersion::Two => "/v2 2.",
+        };
+        assert!(
+            text.contains(want),
+            "{} is not the containerd {:?} this test runs on: {text:?}",
+            bin.display(),
+            self.version
+        );
     }
 
     fn spawn(&mut self) {
