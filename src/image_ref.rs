@@ -5,11 +5,14 @@
 //! `docker.io/library/busybox` — the name kubelet's keyring matches.
 //!
 //! The whole grammar is followed (domain, path components, tag, digest as
-//! go-digest checks it, the 255-character limit on the normalised name, no
-//! bare image IDs); tests/matching.rs compares it with distribution's own
-//! parser on random references. The one newer rule kept is
-//! `distribution/reference`'s (kubelet's): an upper-case first component is
-//! a host. A reference that does not parse is never matched, and goes to
+//! go-digest checks it, the 255-character limit on the repository path, no
+//! bare image IDs) as `github.com/distribution/reference` v0.6 has it, the
+//! parser of kubelet and containerd 2.x; tests/matching.rs compares it with
+//! that parser and with docker/distribution 2.8.2 (containerd 1.6) on random
+//! references. Two rules are newer than 2.8.2: an upper-case first
+//! component is a host, and the length limit counts the path alone (2.8.2
+//! counted the normalised name, so containerd 1.6 refuses some names this
+//! accepts; a token added to such a pull harms nothing). A reference that does not parse is never matched, and goes to
 //! containerd untouched so that containerd rejects it with its own error.
 
 use std::fmt;
@@ -21,7 +24,8 @@ pub const LEGACY_DEFAULT_DOMAIN: &str = "index.docker.io";
 /// Prefix of Docker Hub's official images (`busybox` → `library/busybox`).
 pub const OFFICIAL_REPO_PREFIX: &str = "library/";
 
-/// The longest reference name accepted (distribution's `NameTotalLengthMax`).
+/// The longest repository path accepted (distribution/reference's
+/// `NameTotalLengthMax`, which v0.6 applies to the path without its host).
 pub const MAX_NAME_LEN: usize = 255;
 
 /// A parsed image reference.
@@ -115,7 +119,7 @@ impl ImageRef {
             path.to_owned()
         };
         // The limit applies to the normalised name.
-        if domain.len() + 1 + path.len() > MAX_NAME_LEN {
+        if path.len() > MAX_NAME_LEN {
             return None;
         }
         Some(ImageRef {

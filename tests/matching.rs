@@ -5,10 +5,16 @@
 //! `pkg/credentialprovider` tests, ecr-credential-provider's tests and the
 //! EKS AMI's default `matchImages`, each naming its source. Every
 //! `[[match]]` row is checked twice: its `kubelet` column against kubelet's
-//! `URLsMatchStr`, transcribed into Go and run on Go's own `net/url` and
-//! `path/filepath` (tests/support/kubelet_go), so the table itself cannot be
-//! wrong; then the daemon's matcher against the same column, or against
-//! `ours` where the row records a deliberate difference and says why.
+//! own `credentialprovider.URLsMatchStr` and `ParseSchemelessURL`, imported
+//! from k8s.io/kubernetes v1.37.2 and built with Go 1.26
+//! (tests/support/kubelet137/oracle), so the table itself cannot be wrong;
+//! then the daemon's matcher against the same column, or against `ours`
+//! where the row records a deliberate difference and says why.
+//!
+//! Image references are compared with both parsers containerd and kubelet
+//! use: docker/distribution v2.8.2 (containerd 1.6; tests/support/kubelet_go)
+//! and github.com/distribution/reference (containerd 2.x, kubelet; the
+//! oracle).
 //!
 //! The property test then feeds thousands of random patterns and names —
 //! globs, `?`, `#`, `@`, `%`-escapes, brackets, ports, upper case — to both
@@ -124,10 +130,22 @@ fn expected<T: Clone>(upstream: &T, ours: &Option<T>, why: &Option<String>, sour
     }
 }
 
-/// Builds tests/support/kubelet_go: kubelet's matcher and distribution's
-/// reference parser, on Go's own libraries.
+/// Builds tests/support/kubelet_go: docker/distribution's reference parser
+/// (containerd 1.6's grammar).
 fn kubelet_go() -> std::path::PathBuf {
-    support::go::build("kubelet_go", "kubelet_go")
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| support::go::build("kubelet_go", "kubelet_go"))
+        .clone()
+}
+
+/// Builds tests/support/kubelet137/oracle: kubelet v1.37.2's own matcher
+/// and distribution/reference's parser, imported.
+fn oracle() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| support::go::build_module("kubelet137", "oracle", "kubelet-oracle"))
+        .clone()
 }
 
 /// Runs `kubelet_go mode`: one JSON answer per JSON input line.
@@ -194,9 +212,7 @@ impl Answer {
 
 impl Kubelet {
     fn new() -> Self {
-        Kubelet {
-            binary: kubelet_go(),
-        }
+        Kubelet { binary: oracle() }
     }
 
     fn ask(&self, pairs: &[(String, String)]) -> Vec<Answer> {
@@ -262,7 +278,16 @@ fn upstream_name_rows_normalise_as_kubelet_does() {
     // The table's names, checked against distribution's own parser first.
     let images: Vec<&String> = rows.iter().map(|r| &r.image).collect();
     let parsed: Vec<Parsed> = ask_go(&kubelet_go(), "refparse", &images);
-    for (row, go) in rows.iter().zip(&parsed) {
+    let newer: Vec<Parsed> = ask_go(&oracle(), "refparse", &images);
+    for ((row, go), new) in rows.iter().zip(&parsed).zip(&newer) {
+        // distribution/reference, kubelet's and containerd 2.x's, agrees
+        // with every row, the newer-grammar ones included.
+        let theirs_new = if new.ok { new.name.as_str() } else { "" };
+        assert_eq!(
+            theirs_new, row.name,
+            "{} — {:?}: the table disagrees with distribution/reference",
+            row.source, row.image
+        );
         let theirs = if go.ok { go.name.as_str() } else { "" };
         if row.newer_grammar {
             assert_ne!(theirs, row.name, "{}: says 2.8.2 differs", row.source);
@@ -536,10 +561,21 @@ fn references_normalise_as_containerd_and_kubelet_parse_them() {
         let theirs = go
             .ok
             .then(|| (go.name.clone(), go.tag.clone(), go.digest.clone()));
-        // The one rule newer than Debian's docker/distribution 2.8.2:
-        // github.com/distribution/reference (v0.5 on, kubelet's) takes an
-        // upper-case first component for a host (`UPPER/app`), where 2.8.2
-        // read it as a Docker Hub path and refused the upper case.
+        // Two rules newer than Debian's docker/distribution 2.8.2, in
+        // github.com/distribution/reference (kubelet's, containerd 2.x's;
+        // the daemon follows it, and the next test compares with it
+        // exactly): the 255 limit counts the path, not the normalised name;
+        // and (v0.5 on) an upper-case first component is a host
+        // (`UPPER/app`), where 2.8.2 read it as a Docker Hub path and
+        // refused the upper case.
+        if !go.ok
+            && go
+                .error
+                .contains("repository name must not be more than 255")
+        {
+            newer_rule += 1;
+            continue;
+        }
         let first = input.split('/').next().unwrap_or_default();
         if !go.ok
             && input.contains('/')
@@ -566,8 +602,52 @@ fn references_normalise_as_containerd_and_kubelet_parse_them() {
         valid += usize::from(go.ok);
     }
     println!(
-        "{REFERENCE_CASES} random references, {valid} valid, {newer_rule} under the upper-case-host rule"
+        "{REFERENCE_CASES} random references, {valid} valid, {newer_rule} under distribution/reference's newer rules"
     );
+    assert!(
+        valid > REFERENCE_CASES / 4 && valid < REFERENCE_CASES * 3 / 4,
+        "{valid}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} disagreements, first ones:\n{}",
+        failures.len(),
+        failures[..failures.len().min(30)].join("\n")
+    );
+}
+
+/// The same random references against github.com/distribution/reference
+/// (kubelet's and containerd 2.x's parser), imported: no exception at all.
+#[test]
+fn references_normalise_as_distribution_reference_parses_them() {
+    let mut runner = TestRunner::default();
+    let strategy = reference();
+    let inputs: Vec<String> = (0..REFERENCE_CASES)
+        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+        .collect();
+    let answers: Vec<Parsed> = ask_go(&oracle(), "refparse", &inputs);
+    let mut failures = Vec::new();
+    let mut valid = 0;
+    for (input, go) in inputs.iter().zip(&answers) {
+        let ours = ImageRef::parse(input).map(|r| {
+            (
+                format!("{}/{}", r.domain, r.path),
+                r.tag.unwrap_or_default(),
+                r.digest.unwrap_or_default(),
+            )
+        });
+        let theirs = go
+            .ok
+            .then(|| (go.name.clone(), go.tag.clone(), go.digest.clone()));
+        if ours != theirs {
+            failures.push(format!(
+                "{input:?}: distribution/reference {theirs:?} {}; daemon {ours:?}",
+                go.error
+            ));
+        }
+        valid += usize::from(go.ok);
+    }
+    println!("{REFERENCE_CASES} random references against distribution/reference, {valid} valid");
     assert!(
         valid > REFERENCE_CASES / 4 && valid < REFERENCE_CASES * 3 / 4,
         "{valid}"
