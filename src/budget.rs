@@ -5,7 +5,7 @@
 //! take to arrive, the call ends with a clear status and nothing else is
 //! held. What HTTP/2 itself may buffer for a caller (windows, send
 //! buffers, streams, connections) is bounded by the limits in
-//! [`crate::transport`]; README "Reliability" adds the two up.
+//! [`crate::transport`]; README "Memory budget" adds the two up.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,12 +4,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::sync::Arc;
-
 use tokio::net::UnixStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -18,8 +17,8 @@ use super::Proxy;
 use crate::error::error_chain;
 
 // What the daemon may hold for one client connection, whatever the caller
-// sends or fails to read, is bounded by these limits (README
-// "Reliability" adds them up): what h2 buffers of its requests
+// sends or fails to read, is bounded by these limits (README "Memory
+// budget" adds them up): what h2 buffers of its requests
 // ([`CALLER_CONNECTION_WINDOW`]), of its answers
 // ([`MAX_SEND_BUFFER_PER_STREAM`] per stream, [`MAX_CONCURRENT_STREAMS`]
 // streams, and its own upstream connection's window,
@@ -207,7 +206,7 @@ const AUTHORITY_LOG_LIMIT: usize = 128;
 /// Logs, once per connection (at its first call), which `:authority` form
 /// the caller uses: kubelet and crictl >= 1.31 send `localhost`; older
 /// ones, grpcio and grpc-java the socket path, raw or percent-encoded
-/// (README "Callers"). Such values reach us only through the patched h2
+/// (README "Which callers work"). Such values reach us only through the patched h2
 /// (third_party/h2-authority.patch), as `UnparsedAuthority`.
 fn log_authority<B>(req: &http::Request<B>) {
     let (form, value): (&str, &[u8]) = match (
