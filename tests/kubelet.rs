@@ -394,7 +394,19 @@ fn kubelet_runs_pods_from_private_ecr(version: Version, containerd: ContainerdVe
     assert_no_secrets(&proxy.logs());
     assert!(!k.log().contains(MOTO_PASSWORD));
     drop(k);
-    // The pods' containers end with containerd (the stack's drop).
+    // The pods' containers outlive containerd (their shims do): remove
+    // every pod while containerd still runs, and check that none is left.
+    let rmp = Command::new(CRICTL)
+        .arg(format!("--runtime-endpoint=unix://{}", ctd.display()))
+        .args(["rmp", "--force", "--all"])
+        .output()
+        .unwrap();
+    assert!(
+        rmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rmp.stderr)
+    );
+    assert!(running_containers(&ctd).is_empty());
 }
 
 #[test]
