@@ -263,59 +263,15 @@ fn kubelet_1_30s_cri_client_gets_what_it_gets_direct_on_containerd_2() {
 
 const H2_CALLER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/h2_caller.py");
 
-/// The raw HTTP/2 caller sending `:authority` of `kind`, answered as
-/// containerd answers it.
+/// The raw HTTP/2 caller sending `:authority` of `kind`: every call gets
+/// containerd's own answer, as for the library callers above.
 fn raw_authority_gets_what_it_gets_direct(kind: &str, version: ContainerdVersion, form: &str) {
-    // h2_caller.py takes the authority kind last: SOCKET IMAGE KIND.
-    let caller = [python(), H2_CALLER.into()];
-    let s = Stack::on(version, &[ECR_HOST]);
-    s.registry.push_image("app", &["v1"]);
-    let image = format!("{ECR_HOST}/app:v1");
-    let proxy = s.proxy_with_env_args("p", "", s.moto.env(), vec!["--log-level", "debug"]);
-    let run = |socket: &Path| {
-        let Lines(out) = run_mode(&caller, socket, &image, &[kind]);
-        out.lines()
-            .map(|l| {
-                let mut p = l.splitn(3, ' ');
-                let name = p.next().unwrap_or_default().to_owned();
-                let rest = (
-                    p.next().unwrap_or_default().to_owned(),
-                    p.next().unwrap_or_default().to_owned(),
-                );
-                (name, rest)
-            })
-            .collect::<HashMap<_, _>>()
-    };
-    let direct = run(&s.containerd.socket);
-    assert_eq!(
-        direct["ImageFsInfo"].0, "OK",
-        "containerd refused {kind}: {direct:?}"
+    gets_what_it_gets_direct(
+        &[python(), H2_CALLER.into()],
+        &[("H2_AUTHORITY", kind)],
+        version,
+        form,
     );
-    assert_eq!(direct["PullImage"].0, "UNKNOWN", "{direct:?}");
-    assert!(refused(&direct["PullImage"].1), "{direct:?}");
-    let through = run(&proxy.socket);
-    for name in [
-        "ImageFsInfo",
-        "ListImages",
-        "ImageStatus",
-        "ImageStatus-missing",
-        "Unknown",
-        "RemoveImage",
-        "ImageStatus-after-remove",
-    ] {
-        assert_eq!(
-            through[name], direct[name],
-            "{name}: {through:?} vs {direct:?}"
-        );
-    }
-    assert_eq!(through["PullImage"].0, "OK", "{through:?}");
-    assert_ne!(through["ImageStatus-after-pull"], direct["ImageStatus"]);
-    let logs = proxy.logs();
-    assert!(
-        logs.contains(&format!("authority_form=\"{form}\"")),
-        "no connection logged with authority form {form}: {logs}"
-    );
-    assert_no_secrets(&logs);
 }
 
 #[test]
@@ -350,17 +306,19 @@ fn an_authority_that_is_no_utf_8_is_refused_on_its_connection_only() {
     let s = Stack::on(ContainerdVersion::One, &[ECR_HOST]);
     let image = format!("{ECR_HOST}/app:v1");
     let proxy = s.proxy("p", "");
-    let Lines(direct) = run_mode(&caller, &s.containerd.socket, &image, &["high"]);
+    let high = [("H2_AUTHORITY", "high")];
+    let Lines(direct) = run_mode_env(&caller, &high, &s.containerd.socket, &image, &[]);
     assert!(
         direct.contains("ImageFsInfo OK"),
         "containerd answers it: {direct}"
     );
-    let Lines(through) = run_mode(&caller, &proxy.socket, &image, &["high"]);
+    let Lines(through) = run_mode_env(&caller, &high, &proxy.socket, &image, &[]);
     assert!(
         through.contains("ImageFsInfo GOAWAY_PROTOCOL_ERROR"),
         "{through}"
     );
-    let Lines(next) = run_mode(&caller, &proxy.socket, &image, &["path"]);
+    let path = [("H2_AUTHORITY", "path")];
+    let Lines(next) = run_mode_env(&caller, &path, &proxy.socket, &image, &[]);
     assert!(next.contains("ImageFsInfo OK"), "{next}");
 }
 

@@ -1,20 +1,21 @@
 """A raw HTTP/2 CRI caller (PyPI `h2`, header validation off) that sends
 any `:authority`, for tests/interop.rs.
 
-Usage: h2_caller.py SOCKET IMAGE AUTHORITY
+Usage: H2_AUTHORITY=KIND h2_caller.py SOCKET IMAGE
 
-AUTHORITY is `none` (no `:authority` at all), `empty`, `junk` (8 KiB of
+KIND is `none` (no `:authority` at all), `empty`, `junk` (8 KiB of
 arbitrary printable bytes that are no URI authority), `high` (the socket
 path followed by bytes >= 0x80, which are no UTF-8), `path` (the socket
 path), `percent` (the socket path percent-encoded) or `localhost`.
 
-Makes the same calls as grpc_go_client.py on one connection, one stream
+Makes the same calls as grpc_go_client on one connection, one stream
 each, and prints one line per call: `name code digest-or-message`, where
 code is the gRPC code's name, `RST_<reason>` for a stream reset, or
 `GOAWAY_<reason>` for a connection error.
 """
 
 import hashlib
+import os
 import random
 import socket as sockets
 import sys
@@ -69,9 +70,18 @@ class Caller:
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(16 * 1024 * 1024)
-        self.sock.sendall(self.conn.data_to_send())
+        self.flush()
         self.auth = auth
         self.dead = None
+
+    def flush(self):
+        # The daemon may close the connection right after its GOAWAY: a
+        # write can then fail before the GOAWAY is read. Keep going; the
+        # read below finds the GOAWAY (or the end of the connection).
+        try:
+            self.sock.sendall(self.conn.data_to_send())
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def call(self, method, message):
         if self.dead:
@@ -84,10 +94,13 @@ class Caller:
         headers += [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
         self.conn.send_headers(sid, headers)
         self.conn.send_data(sid, b"\x00" + len(message).to_bytes(4, "big") + message, end_stream=True)
-        self.sock.sendall(self.conn.data_to_send())
+        self.flush()
         body, status, msg = b"", None, ""
         while True:
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
             if not data:
                 self.dead = "EOF"
                 return self.dead, "-"
@@ -104,24 +117,25 @@ class Caller:
                     body += ev.data
                     self.conn.acknowledge_received_data(ev.flow_controlled_length, sid)
                 elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
-                    self.sock.sendall(self.conn.data_to_send())
+                    self.flush()
                     return "RST_" + ev.error_code.name, "-"
                 elif isinstance(ev, h2.events.ConnectionTerminated):
                     self.dead = "GOAWAY_" + ev.error_code.name
                     return self.dead, "-"
                 if isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
-                    self.sock.sendall(self.conn.data_to_send())
+                    self.flush()
                     if status is None:
                         return "NO_STATUS", "-"
                     code = CODES.get(status, str(status))
                     if status != 0:
                         return code, msg.replace(" ", "_")
                     return code, hashlib.sha256(body[5:]).hexdigest()[:16]
-            self.sock.sendall(self.conn.data_to_send())
+            self.flush()
 
 
 def main():
-    path, image, kind = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
+    path, image = sys.argv[1], sys.argv[2].encode()
+    kind = os.environ.get("H2_AUTHORITY", "localhost")
     caller = Caller(path, authority(kind, path))
     spec = field(1, field(1, image))
     calls = [
