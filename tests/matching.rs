@@ -539,28 +539,43 @@ fn reference() -> impl Strategy<Value = String> {
     ]
 }
 
+/// `REFERENCE_CASES` references drawn from [`reference`].
+fn random_references() -> Vec<String> {
+    let mut runner = TestRunner::default();
+    let strategy = reference();
+    (0..REFERENCE_CASES)
+        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
+        .collect()
+}
+
+/// The normalised name, tag and digest, as the daemon reads `input`.
+fn daemon_reading(input: &str) -> Option<(String, String, String)> {
+    ImageRef::parse(input).map(|r| {
+        (
+            format!("{}/{}", r.domain, r.path),
+            r.tag.unwrap_or_default(),
+            r.digest.unwrap_or_default(),
+        )
+    })
+}
+
+impl Parsed {
+    /// The normalised name, tag and digest, as a Go parser read it.
+    fn reading(&self) -> Option<(String, String, String)> {
+        self.ok
+            .then(|| (self.name.clone(), self.tag.clone(), self.digest.clone()))
+    }
+}
+
 #[test]
 fn references_normalise_as_containerd_and_kubelet_parse_them() {
     let binary = kubelet_go();
-    let mut runner = TestRunner::default();
-    let strategy = reference();
-    let inputs: Vec<String> = (0..REFERENCE_CASES)
-        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
-        .collect();
+    let inputs = random_references();
     let answers: Vec<Parsed> = ask_go(&binary, "refparse", &inputs);
     let mut failures = Vec::new();
     let (mut valid, mut newer_rule) = (0, 0);
     for (input, go) in inputs.iter().zip(&answers) {
-        let ours = ImageRef::parse(input).map(|r| {
-            (
-                format!("{}/{}", r.domain, r.path),
-                r.tag.unwrap_or_default(),
-                r.digest.unwrap_or_default(),
-            )
-        });
-        let theirs = go
-            .ok
-            .then(|| (go.name.clone(), go.tag.clone(), go.digest.clone()));
+        let (ours, theirs) = (daemon_reading(input), go.reading());
         // Two rules newer than Debian's docker/distribution 2.8.2, in
         // github.com/distribution/reference (kubelet's, containerd 2.x's;
         // the daemon follows it, and the next test compares with it
@@ -620,25 +635,12 @@ fn references_normalise_as_containerd_and_kubelet_parse_them() {
 /// (kubelet's and containerd 2.x's parser), imported: no exception at all.
 #[test]
 fn references_normalise_as_distribution_reference_parses_them() {
-    let mut runner = TestRunner::default();
-    let strategy = reference();
-    let inputs: Vec<String> = (0..REFERENCE_CASES)
-        .map(|_| strategy.new_tree(&mut runner).unwrap().current())
-        .collect();
+    let inputs = random_references();
     let answers: Vec<Parsed> = ask_go(&oracle(), "refparse", &inputs);
     let mut failures = Vec::new();
     let mut valid = 0;
     for (input, go) in inputs.iter().zip(&answers) {
-        let ours = ImageRef::parse(input).map(|r| {
-            (
-                format!("{}/{}", r.domain, r.path),
-                r.tag.unwrap_or_default(),
-                r.digest.unwrap_or_default(),
-            )
-        });
-        let theirs = go
-            .ok
-            .then(|| (go.name.clone(), go.tag.clone(), go.digest.clone()));
+        let (ours, theirs) = (daemon_reading(input), go.reading());
         if ours != theirs {
             failures.push(format!(
                 "{input:?}: distribution/reference {theirs:?} {}; daemon {ours:?}",
