@@ -100,30 +100,39 @@ impl Exhausted {
     }
 }
 
-/// Bytes taken from a budget; given back when dropped.
+/// Bytes one message holds of its connection's share (and of the total);
+/// given back when dropped.
 #[derive(Default)]
 pub struct Held {
-    taken: Vec<(Arc<Mutex<usize>>, usize)>,
-    total: Vec<OwnedSemaphorePermit>,
+    /// The connection's count, once something was taken from it.
+    connection: Option<Arc<Mutex<usize>>>,
+    bytes: usize,
+    /// What was taken beyond the reserved part, as one permit.
+    total: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        for (used, n) in self.taken.drain(..) {
-            *used.lock().expect("budget lock") -= n;
+        if let Some(used) = &self.connection {
+            *used.lock().expect("budget lock") -= self.bytes;
         }
     }
 }
 
 impl ConnectionBudget {
-    /// Takes `n` more bytes for a message being read into `held`, or says
-    /// which bound it would pass. Never waits: a caller that floods gets
-    /// its answer at once and holds nothing. What takes the connection
-    /// past its reserved part is taken from the total too.
+    /// Takes `n` more bytes for a message being read into `held` (which
+    /// holds bytes of this connection only), or says which bound it would
+    /// pass. Never waits: a caller that floods gets its answer at once and
+    /// holds nothing. What takes the connection past its reserved part is
+    /// taken from the total too.
     pub fn take(&self, held: &mut Held, n: usize) -> Result<(), Exhausted> {
         if n == 0 {
             return Ok(());
         }
+        debug_assert!(held
+            .connection
+            .as_ref()
+            .is_none_or(|c| Arc::ptr_eq(c, &self.used)));
         let mut used = self.used.lock().expect("budget lock");
         if *used + n > PULL_BUFFER_PER_CONNECTION {
             return Err(Exhausted::Connection);
@@ -135,10 +144,14 @@ impl ConnectionBudget {
                 .ok()
                 .and_then(|over| self.total.clone().try_acquire_many_owned(over).ok())
                 .ok_or(Exhausted::Total)?;
-            held.total.push(permit);
+            match &mut held.total {
+                Some(total) => total.merge(permit),
+                None => held.total = Some(permit),
+            }
         }
         *used += n;
-        held.taken.push((self.used.clone(), n));
+        held.bytes += n;
+        held.connection.get_or_insert_with(|| self.used.clone());
         Ok(())
     }
 }
