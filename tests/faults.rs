@@ -110,8 +110,10 @@ async fn with_token_wait_zero_ecr_faults_fail_fast_naming_the_cause_and_calls_st
             pulls += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Backoff 1, 2, 4 s (jittered down to half): at most 5 operations
-        // in ~6 s, each at most 3 attempts (the SDK's standard retries).
+        // Between operations the cache backs off 1, 2, 4 s, each wait drawn
+        // from the whole of it, and within each the SDK's standard retries
+        // (3 attempts) back off too: about three operations in these ~6 s,
+        // five only when nearly every draw comes up near zero.
         let calls = fake.calls();
         assert!(calls <= 15, "{b:?}: {calls} calls to AWS for {pulls} pulls");
         assert!(pulls >= 20, "{b:?}: only {pulls} pulls");

@@ -22,7 +22,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
 use super::{CredentialSource, EcrService, SourceError, Token, TokenKey};
@@ -101,9 +102,9 @@ impl RetryPolicy {
     }
 
     /// How long to wait before retrying after `backoff`.
-    fn delay(&self, backoff: Duration) -> Duration {
+    fn delay(&self, backoff: Duration, rng: &mut impl Rng) -> Duration {
         let low = if self.full_jitter { 0.0 } else { 0.5 };
-        backoff.mul_f64(rand::rng().random_range(low..=1.0))
+        backoff.mul_f64(rng.random_range(low..=1.0))
     }
 }
 /// A failing fetch is retried in the background while a pull has asked for
@@ -248,6 +249,9 @@ pub struct TokenCache {
     slots: moka::sync::Cache<TokenKey, Arc<Slot>>,
     max_age: Option<Duration>,
     retry: RetryPolicy,
+    /// Where retry and refresh jitter is drawn from: the OS's entropy, or a
+    /// seed (the fleet simulation and tests replay a node with it).
+    jitter: Arc<Mutex<StdRng>>,
     metrics: Arc<Metrics>,
 }
 
@@ -264,8 +268,16 @@ impl TokenCache {
             slots: moka::sync::Cache::new(MAX_KEYS),
             max_age,
             retry: RetryPolicy::default(),
+            jitter: Arc::new(Mutex::new(StdRng::from_os_rng())),
             metrics,
         }
+    }
+
+    /// The same cache drawing its jitter from a sequence seeded with
+    /// `seed`, so that a run can be replayed.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.jitter = Arc::new(Mutex::new(StdRng::seed_from_u64(seed)));
+        self
     }
 
     /// The same cache with another retry policy (the fleet simulation
@@ -372,7 +384,7 @@ impl TokenCache {
                             .wanted
                             .filter(|w| w.elapsed() < RETRY_WHILE_WANTED)
                             .and(st.error.as_ref())
-                            .map(|e| this.retry.delay(e.backoff)),
+                            .map(|e| this.retry.delay(e.backoff, &mut *this.draw())),
                         _ => None,
                     };
                     st.fetch_error = result.as_ref().err().cloned();
@@ -455,6 +467,10 @@ impl TokenCache {
         }
     }
 
+    fn draw(&self) -> std::sync::MutexGuard<'_, StdRng> {
+        self.jitter.lock().expect("jitter lock")
+    }
+
     /// Decides how long a fresh token is used and when it is renewed.
     fn admit(&self, key: &TokenKey, token: Token, now: Instant, warned: &mut bool) -> Cached {
         let lifetime = token.expires_at.duration_since(SystemTime::now()).ok();
@@ -480,7 +496,7 @@ impl TokenCache {
         }
         let half = usable / 2;
         let jitter = half.mul_f64(
-            rand::rng()
+            self.draw()
                 .random_range(-REFRESH_JITTER..=REFRESH_JITTER)
                 .abs(),
         );
@@ -578,10 +594,24 @@ mod tests {
 
     const TWELVE_HOURS: Duration = Duration::from_secs(12 * 3600);
 
+    /// Each test draws its jitter from one seeded sequence, so a run can be
+    /// replayed: `CACHE_TEST_SEED=N cargo test --lib ecr::cache`. The
+    /// assertions hold for any draw the reasoning beside them allows.
+    fn seed() -> u64 {
+        std::env::var("CACHE_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1)
+    }
+
+    fn cache_over(source: Arc<Scripted>) -> TokenCache {
+        TokenCache::new(source, None, Arc::default()).with_seed(seed())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn hundred_concurrent_misses_make_one_call() {
         let source = Scripted::new(Duration::from_millis(200), Some(TWELVE_HOURS));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         let tasks: Vec<_> = (0..100)
             .map(|_| {
                 let cache = cache.clone();
@@ -598,7 +628,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refresh_happens_ahead_and_no_caller_waits() {
         let source = Scripted::new(Duration::from_secs(2), Some(TWELVE_HOURS));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         let (_, outcome) = cache.get(&key(), Duration::ZERO).await.unwrap();
         assert_eq!(outcome, CacheOutcome::Miss);
         // Past the latest possible refresh point (half the usable life plus
@@ -620,7 +650,7 @@ mod tests {
     async fn errors_back_off_exponentially() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
         source.fail_with(Some(ErrorKind::AccessDenied));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         // Hammer the cache for 100 s at 100 lookups per second.
         for _ in 0..10_000 {
             let e = cache.get(&key(), Duration::ZERO).await.unwrap_err();
@@ -638,7 +668,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expired_on_arrival_serves_the_pull_and_is_kept_at_most_a_minute() {
         let source = Scripted::new(Duration::ZERO, None);
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         assert_eq!(
             cache.get(&key(), Duration::ZERO).await.unwrap().0.password,
             "pw-1"
@@ -660,7 +690,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stale_token_keeps_serving_while_the_source_fails() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         cache.get(&key(), Duration::ZERO).await.unwrap();
         source.fail_with(Some(ErrorKind::Network));
         // Into the refresh window: every refresh fails, pulls keep working.
@@ -692,7 +722,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_caller_that_gives_up_does_not_cancel_the_fetch() {
         let source = Scripted::new(Duration::from_secs(5), Some(TWELVE_HOURS));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         let first =
             tokio::time::timeout(Duration::from_secs(1), cache.get(&key(), Duration::ZERO)).await;
         assert!(first.is_err());
@@ -705,24 +735,32 @@ mod tests {
     async fn a_passing_failure_is_retried_while_the_pull_waits() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
         source.fail_with(Some(ErrorKind::Network));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
+        // Longer than the longest backoff, so the pull outlasts any draw.
+        let wait = ERROR_BACKOFF_MAX * 2;
         let waiting = tokio::spawn({
             let cache = cache.clone();
-            async move { cache.get(&key(), Duration::from_secs(30)).await }
+            async move { cache.get(&key(), wait).await }
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiting.is_finished(), "the pull waits for the retries");
-        // Backoff 1, 2, 4 s, each wait drawn from the whole of it: two to
-        // six attempts in the first 5 s.
-        assert!((2..=6).contains(&source.calls()), "{}", source.calls());
+        // Backoff 1, 2, 4 s, each wait drawn from the whole of it: the third
+        // attempt comes by 3 s; more than nine in 5 s would take draws
+        // that together come up less than once in a million runs.
+        let failed = source.calls();
+        assert!((3..=9).contains(&failed), "{failed}");
         source.fail_with(None);
         let started = Instant::now();
         let (c, outcome) = waiting.await.unwrap().unwrap();
         assert_eq!(outcome, CacheOutcome::Miss);
-        assert!(c.password.starts_with("pw-"));
+        assert_eq!(c.password, format!("pw-{}", failed + 1), "the next retry");
+        // After the n-th failure the backoff is 2^(n-1) s, so the next retry
+        // comes within that of the last failure, which was before the flip.
+        let backoff = (ERROR_BACKOFF_MIN * (1 << (failed - 1))).min(ERROR_BACKOFF_MAX);
         assert!(
-            started.elapsed() <= Duration::from_secs(16),
-            "next retry at most 16 s on"
+            started.elapsed() <= backoff,
+            "{:?} after the flip, backoff {backoff:?}",
+            started.elapsed()
         );
         // A pull that asks later is a hit.
         assert_eq!(
@@ -735,7 +773,7 @@ mod tests {
     async fn throttling_retries_once_per_window_and_a_waiting_pull_gets_the_first_token() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
         source.fail_with(Some(ErrorKind::Throttled));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         let pull = {
             let cache = cache.clone();
             move || {
@@ -761,19 +799,22 @@ mod tests {
         // retry after AWS answers again, within one window.
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
         source.fail_with(Some(ErrorKind::Throttled));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         let waiting = tokio::spawn({
             let cache = cache.clone();
             async move { cache.get(&key(), THROTTLED_FIRST_WINDOW * 2).await }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(source.calls(), 1);
+        // The first retry may fall within that second (1 in 300); the next
+        // then comes within the shorter later window.
+        let before = source.calls();
+        assert!((1..=2).contains(&before), "{before}");
         source.fail_with(None);
         let started = Instant::now();
         let (_, outcome) = waiting.await.unwrap().unwrap();
         assert_eq!(outcome, CacheOutcome::Miss);
         assert!(started.elapsed() <= THROTTLED_FIRST_WINDOW);
-        assert_eq!(source.calls(), 2, "served by the first retry");
+        assert_eq!(source.calls(), before + 1, "served by the first retry");
     }
 
     #[tokio::test(start_paused = true)]
@@ -781,7 +822,7 @@ mod tests {
         const WAIT: Duration = Duration::from_secs(10);
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
         source.fail_with(Some(ErrorKind::Network));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         let started = Instant::now();
         let e = cache.get(&key(), WAIT).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Network);
@@ -790,7 +831,7 @@ mod tests {
         // Access denied does not pass by itself: one call, no waiting.
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
         source.fail_with(Some(ErrorKind::AccessDenied));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         let started = Instant::now();
         assert_eq!(
             cache.get(&key(), WAIT).await.unwrap_err().kind,
@@ -805,7 +846,7 @@ mod tests {
     async fn background_retries_stop_once_no_pull_asks() {
         let source = Scripted::new(Duration::ZERO, Some(TWELVE_HOURS));
         source.fail_with(Some(ErrorKind::Network));
-        let cache = TokenCache::new(source.clone(), None, Arc::default());
+        let cache = cache_over(source.clone());
         assert!(cache.get(&key(), Duration::ZERO).await.is_err());
         tokio::time::sleep(RETRY_WHILE_WANTED + ERROR_BACKOFF_MAX).await;
         let after_window = source.calls();
