@@ -1115,8 +1115,12 @@ async fn an_upstream_ending_abruptly_fails_calls_in_flight_and_the_next_call_wor
     let dir = support::short_tempdir();
     let sock = dir.path().join("up.sock");
     let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Pulls the first connection holds, counted where they arrive.
+    let held_pulls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let arrived = held_pulls.clone();
     h2_upstream(&sock, move |mut conn| {
         let first = first.swap(false, Ordering::SeqCst);
+        let arrived = arrived.clone();
         async move {
             if !first {
                 while let Some(Ok((_req, respond))) = conn.accept().await {
@@ -1135,6 +1139,7 @@ async fn an_upstream_ending_abruptly_fails_calls_in_flight_and_the_next_call_wor
                     return;
                 }
                 held.push(respond);
+                arrived.fetch_add(1, Ordering::SeqCst);
             }
         }
     });
@@ -1145,11 +1150,12 @@ async fn an_upstream_ending_abruptly_fails_calls_in_flight_and_the_next_call_wor
         let closed = client.closed.clone();
         tokio::spawn(async move { raw_call(&RawClient { send, closed }, "PullImage").await })
     };
-    support::eventually(Duration::from_secs(5), "the pull to be in flight", || {
-        proxy.logs().contains("dialled upstream")
-    })
+    support::eventually(
+        Duration::from_secs(5),
+        "the pull to be held by the upstream",
+        || held_pulls.load(Ordering::SeqCst) == 1,
+    )
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let (code, message) = raw_call(&client, "ImageStatus").await;
     assert_eq!(code, "14", "{message}");
     assert!(message.contains(sock.to_str().unwrap()), "{message}");
