@@ -3,17 +3,18 @@
 //! against a simulated ECR API that enforces AWS's GetAuthorizationToken
 //! quota as a token bucket (20 requests/s sustained, bursts to 200; beyond
 //! that, ThrottlingException). Each node's fetch behaves like the SDK's
-//! standard retries (up to 3 attempts, 200 ms doubling backoff with full
-//! jitter), drawn from the node's own random sequence; the cache's jitter
-//! comes from a seeded sequence of the node too, so a run replays exactly.
+//! standard retries (the policy's attempts, 200 ms doubling backoff with
+//! full jitter), drawn from the node's own random sequence; the cache's
+//! jitter comes from a seeded sequence of the node too, and every sequence
+//! derives from one seed (`FLEET_SEED`, printed), so a run replays exactly.
 //!
 //! Each scenario runs two policies side by side and prints one table
 //! (`--nocapture`) that the README quotes: the one before this tuning
 //! (error backoff 1 s doubling to 60 s for every failure, half jitter) and
 //! the shipped one ([`RetryPolicy::default`]: after throttling, the retry
 //! at a random moment within 5 minutes, each later one within 3, and the
-//! SDK makes one attempt per fetch instead of retrying a throttled call
-//! within the second).
+//! SDK makes one attempt per fetch, as the daemon's client does, instead
+//! of retrying a failed call within the second).
 //! - steady state: 10,000 nodes for 7 days, pulls at random times, node
 //!   restarts, and a 0.1 % rate of AWS 5xx errors;
 //! - mass boot: 10,000 nodes booting within 5 minutes, each pulling at once
