@@ -9,7 +9,11 @@
 //! from k8s.io/kubernetes v1.37.2 and built with Go 1.26
 //! (tests/support/kubelet137/oracle), so the table itself cannot be wrong;
 //! then the daemon's matcher against the same column, or against `ours`
-//! where the row records a deliberate difference and says why.
+//! where the row records a deliberate difference and says why. The
+//! `[[ecr_host]]` rows are checked the same way, against
+//! ecr-credential-provider's own host pattern (read from
+//! k8s.io/cloud-provider-aws v1.37.1's source by
+//! tests/support/ecr_provider/hostpattern).
 //!
 //! Image references are compared with both parsers containerd and kubelet
 //! use: docker/distribution v2.8.2 (containerd 1.6; tests/support/kubelet_go)
@@ -154,8 +158,17 @@ fn ask_go<I: serde::Serialize, A: serde::de::DeserializeOwned>(
     mode: &str,
     inputs: &[I],
 ) -> Vec<A> {
+    ask_go_with(binary, [mode], inputs)
+}
+
+/// Runs `binary args...`: one JSON answer per JSON input line.
+fn ask_go_with<I: serde::Serialize, A: serde::de::DeserializeOwned>(
+    binary: &std::path::Path,
+    args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+    inputs: &[I],
+) -> Vec<A> {
     let mut child = Command::new(binary)
-        .arg(mode)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -315,6 +328,38 @@ fn upstream_ecr_host_rows_parse_as_the_provider_does() {
             assert_eq!(Some(&h.account), row.account.as_ref(), "{}", row.source);
             assert_eq!(Some(&h.region), row.region.as_ref(), "{}", row.source);
             assert_eq!(Some(h.variant.fips), row.fips, "{}", row.source);
+        }
+    }
+}
+
+/// What ecr-credential-provider's `ecrPrivateHostPattern` makes of a host.
+#[derive(Deserialize)]
+struct ProviderHost {
+    ok: bool,
+    #[serde(default)]
+    account: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    fips: bool,
+}
+
+/// The `ecr_host` rows' upstream columns are the provider's own answers:
+/// its host pattern, read from k8s.io/cloud-provider-aws v1.37.1's source
+/// (tests/support/ecr_provider/hostpattern), not a copy of it.
+#[test]
+fn upstream_ecr_host_rows_are_what_the_providers_own_pattern_says() {
+    let binary = support::go::build_module("ecr_provider", "hostpattern", "ecr-hostpattern");
+    let source = support::go::module_dir("ecr_provider", "k8s.io/cloud-provider-aws");
+    let rows = table().ecr_host;
+    let hosts: Vec<&str> = rows.iter().map(|r| r.host.as_str()).collect();
+    let answers: Vec<ProviderHost> = ask_go_with(&binary, [&source], &hosts);
+    assert_eq!(answers.len(), rows.len());
+    for (row, theirs) in rows.iter().zip(&answers) {
+        assert_eq!(theirs.ok, row.ok, "{} — {:?}", row.source, row.host);
+        if theirs.ok {
+            assert_eq!(theirs.account, row.account, "{}", row.source);
+            assert_eq!(theirs.region, row.region, "{}", row.source);
+            assert_eq!(Some(theirs.fips), row.fips, "{}", row.source);
         }
     }
 }
