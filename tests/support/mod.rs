@@ -270,7 +270,8 @@ pub fn run_proxy_to_exit(args: &[&str], timeout: Duration) -> (Option<i32>, Stri
     run_with_env(args, &[], timeout)
 }
 
-/// As [`run_proxy_to_exit`], with a clean AWS environment plus `env`.
+/// As [`run_proxy_to_exit`], with a clean AWS environment (no instance
+/// metadata) plus `env`.
 pub fn run_with_env(
     args: &[&str],
     env: &[(&str, String)],
@@ -282,14 +283,15 @@ pub fn run_with_env(
             cmd.env_remove(k);
         }
     }
+    // No instance metadata unless `env` turns it on.
     cmd.env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
     for (k, v) in env {
         cmd.env(k, v);
     }
     let mut child = cmd
         .args(args)
-        .env("AWS_EC2_METADATA_DISABLED", "true")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

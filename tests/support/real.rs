@@ -706,6 +706,24 @@ impl Moto {
     /// `Action=` in the body (query APIs such as STS), the region from the
     /// signature's credential scope.
     pub fn requests(&self) -> Vec<(String, String, String)> {
+        self.recorded()
+            .into_iter()
+            .map(|r| (r.action, r.region, r.body))
+            .collect()
+    }
+
+    /// Who signed each `action` request moto has recorded: the access key
+    /// of the signature's credential scope and the session token sent with
+    /// it (`X-Amz-Security-Token`), if any.
+    pub fn signers(&self, action: &str) -> Vec<(String, Option<String>)> {
+        self.recorded()
+            .into_iter()
+            .filter(|r| r.action == action)
+            .map(|r| (r.access_key, r.session_token))
+            .collect()
+    }
+
+    fn recorded(&self) -> Vec<Recorded> {
         use base64::Engine;
         let (status, _, body) = http(
             &self.addr,
@@ -745,13 +763,20 @@ impl Moto {
                         .to_owned(),
                 };
                 // Credential=KEY/DATE/REGION/SERVICE/aws4_request
-                let region = headers["Authorization"]
+                let scope: Vec<&str> = headers["Authorization"]
                     .as_str()
                     .and_then(|a| a.split("Credential=").nth(1))
-                    .and_then(|c| c.split('/').nth(2))
-                    .unwrap_or("")
-                    .to_owned();
-                (action, region, body)
+                    .and_then(|c| c.split([',', ' ']).next())
+                    .map(|c| c.split('/').collect())
+                    .unwrap_or_default();
+                let part = |i: usize| scope.get(i).copied().unwrap_or("").to_owned();
+                Recorded {
+                    action,
+                    region: part(2),
+                    access_key: part(0),
+                    session_token: headers["X-Amz-Security-Token"].as_str().map(str::to_owned),
+                    body,
+                }
             })
             .collect()
     }
@@ -765,7 +790,223 @@ impl Moto {
     }
 }
 
+/// One request from moto's recording.
+struct Recorded {
+    action: String,
+    region: String,
+    access_key: String,
+    session_token: Option<String>,
+    body: String,
+}
+
 impl Drop for Moto {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+// === instance metadata ===
+
+/// AWS's own IMDS emulator, amazon-ec2-metadata-mock, as `.ci/install`
+/// builds it from the Go module proxy.
+pub const IMDS_MOCK: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/target/test-tools/ec2-metadata-mock-v1.13.0/ec2-metadata-mock"
+);
+
+/// The instance role's credentials as instance metadata hands them out.
+#[derive(Clone)]
+pub struct RoleKeys {
+    pub access_key: String,
+    pub secret: String,
+    pub session_token: String,
+}
+
+impl RoleKeys {
+    /// Keys whose every part carries `tag`, so that a test can tell them
+    /// apart from the stack's other secrets and from each other.
+    pub fn tagged(tag: &str) -> Self {
+        RoleKeys {
+            access_key: format!("ASIAROLE{}", tag.to_ascii_uppercase()),
+            secret: format!("role-secret-{tag}-5be1"),
+            session_token: format!("role-session-{tag}-a93c"),
+        }
+    }
+}
+
+/// amazon-ec2-metadata-mock on a loopback port, IMDSv2 only (a request
+/// without a session token gets 401), serving `RoleKeys` as the instance
+/// role's credentials and `region` as the instance's. It watches its
+/// config file, so [`Imds::rotate`] changes the keys it serves, as EC2
+/// does when it rotates the role's credentials.
+pub struct Imds {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+    region: String,
+}
+
+impl Imds {
+    pub fn start(
+        dir: &Path,
+        keys: &RoleKeys,
+        expires: std::time::SystemTime,
+        region: &str,
+    ) -> Self {
+        assert!(
+            Path::new(IMDS_MOCK).is_file(),
+            "amazon-ec2-metadata-mock not found at {IMDS_MOCK}: run .ci/install (it builds v1.13.0 from the Go module proxy)"
+        );
+        let dir = dir.join("imds");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut imds = Imds {
+            child: None,
+            port: 0,
+            dir,
+            region: region.to_owned(),
+        };
+        imds.write_config(keys, expires);
+        let (child, port) = start_on_free_port("amazon-ec2-metadata-mock", |port| imds.spawn(port));
+        imds.child = Some(child);
+        imds.port = port;
+        imds
+    }
+
+    fn spawn(&self, port: u16) -> Child {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("imds.log"))
+            .unwrap();
+        Command::new(IMDS_MOCK)
+            .arg("--config-file")
+            .arg(self.dir.join("config.json"))
+            .args(["--watch-config-file", "--imdsv2", "--hostname", "127.0.0.1"])
+            .args(["--port", &port.to_string()])
+            // It looks for (and may save) its config under $HOME.
+            .env("HOME", &self.dir)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn write_config(&self, keys: &RoleKeys, expires: std::time::SystemTime) {
+        let config = serde_json::json!({
+            "metadata": {
+                "values": {
+                    "placement-region": self.region,
+                    "iam-security-credentials": {
+                        "Code": "Success",
+                        "LastUpdated": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                        "Type": "AWS-HMAC",
+                        "AccessKeyId": keys.access_key,
+                        "SecretAccessKey": keys.secret,
+                        "Token": keys.session_token,
+                        "Expiration": humantime::format_rfc3339_seconds(expires).to_string(),
+                    }
+                }
+            }
+        });
+        // Renamed into place: the watcher never reads a half-written file.
+        let tmp = self.dir.join("config.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        std::fs::rename(&tmp, self.dir.join("config.json")).unwrap();
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The environment that points the AWS SDK's instance-metadata
+    /// provider at this emulator (the SDK's own knob for a non-default
+    /// endpoint); nothing else about the identity is set.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_EC2_METADATA_DISABLED", "false".into()),
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT", self.endpoint()),
+        ]
+    }
+
+    /// The access key the emulator serves now, asked as the SDK asks
+    /// (IMDSv2: a session token first); `None` while it does not answer.
+    pub fn served_key(&self) -> Option<String> {
+        let addr = format!("127.0.0.1:{}", self.port);
+        let token = try_http(
+            &addr,
+            "PUT",
+            "/latest/api/token",
+            &[("X-aws-ec2-metadata-token-ttl-seconds", "60".into())],
+            b"",
+        )
+        .ok()
+        .filter(|(status, _, _)| *status == 200)?
+        .2;
+        let token = String::from_utf8(token).unwrap();
+        let headers = [("X-aws-ec2-metadata-token", token)];
+        let (_, _, role) = try_http(
+            &addr,
+            "GET",
+            "/latest/meta-data/iam/security-credentials/",
+            &headers,
+            b"",
+        )
+        .ok()?;
+        let role = String::from_utf8(role).unwrap();
+        let path = format!("/latest/meta-data/iam/security-credentials/{}", role.trim());
+        let (status, _, creds) = try_http(&addr, "GET", &path, &headers, b"").ok()?;
+        (status == 200).then_some(())?;
+        let creds: serde_json::Value = serde_json::from_slice(&creds).ok()?;
+        creds["AccessKeyId"].as_str().map(str::to_owned)
+    }
+
+    /// Whether a request without an IMDSv2 session token is refused.
+    pub fn refuses_v1(&self) -> bool {
+        let addr = format!("127.0.0.1:{}", self.port);
+        let (status, _, _) = http(&addr, "GET", "/latest/meta-data/placement/region", &[], b"");
+        status == 401
+    }
+
+    /// Serves `keys` from now on, expiring at `expires`, and waits until the
+    /// emulator hands them out.
+    pub fn rotate(&self, keys: &RoleKeys, expires: std::time::SystemTime) {
+        self.write_config(keys, expires);
+        wait_until(
+            Duration::from_secs(10),
+            "the emulator to serve the rotated keys",
+            || self.served_key().as_deref() == Some(keys.access_key.as_str()),
+        );
+    }
+
+    /// Stops the emulator: instance metadata refuses connections.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Starts the emulator again on the same port, and waits until that
+    /// process listens there.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the emulator still runs");
+        let mut child = self.spawn(self.port);
+        wait_until(
+            Duration::from_secs(30),
+            "the emulator to listen again",
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "the emulator exited with {status} (port {} taken?)",
+                        self.port
+                    );
+                }
+                listens_on(child.id(), self.port)
+            },
+        );
+        self.child = Some(child);
+    }
+}
+
+impl Drop for Imds {
     fn drop(&mut self) {
         kill(&mut self.child);
     }
