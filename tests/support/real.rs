@@ -60,25 +60,32 @@ pub fn start_on_free_port(what: &str, mut start: impl FnMut(u16) -> Child) -> (C
     panic!("{what} could not bind a loopback port in five tries");
 }
 
-/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
-/// (the kernel's socket table, then the process's descriptors).
+/// Whether process `pid` holds a socket listening on TCP `port` of a
+/// loopback IPv4 address (the kernel's socket table, then the process's
+/// descriptors).
 fn listens_on(pid: u32, port: u16) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
         return false;
     };
-    let local = format!("0100007F:{port:04X}");
-    let Some(inode) = table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_owned())
-    }) else {
+    // 127.x.y.z, in the table's little-endian hex: ends in "7F".
+    let suffix = format!("7F:{port:04X}");
+    let targets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 9 && f[1].len() == 13 && f[1].ends_with(&suffix) && f[3] == "0A")
+                .then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if targets.is_empty() {
         return false;
-    };
-    let target = format!("socket:[{inode}]");
+    }
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|fds| {
             fds.flatten().any(|fd| {
                 std::fs::read_link(fd.path())
-                    .map(|l| l.to_string_lossy() == target)
+                    .map(|l| targets.iter().any(|t| l.to_string_lossy() == *t))
                     .unwrap_or(false)
             })
         })
@@ -775,9 +782,20 @@ impl Moto {
                     region: part(2),
                     access_key: part(0),
                     session_token: headers["X-Amz-Security-Token"].as_str().map(str::to_owned),
+                    via: headers["Via"].as_str().map(str::to_owned),
                     body,
                 }
             })
+            .collect()
+    }
+
+    /// The `Via` header of each `action` request moto has recorded: the
+    /// HTTP proxies it passed through (`None`: it came direct).
+    pub fn vias(&self, action: &str) -> Vec<Option<String>> {
+        self.recorded()
+            .into_iter()
+            .filter(|r| r.action == action)
+            .map(|r| r.via)
             .collect()
     }
 
@@ -796,6 +814,7 @@ struct Recorded {
     region: String,
     access_key: String,
     session_token: Option<String>,
+    via: Option<String>,
     body: String,
 }
 
@@ -841,13 +860,28 @@ impl RoleKeys {
 /// does when it rotates the role's credentials.
 pub struct Imds {
     child: Option<Child>,
+    /// The loopback address it listens on.
+    pub host: String,
     pub port: u16,
     dir: PathBuf,
     region: String,
 }
 
 impl Imds {
+    /// On 127.0.0.1.
     pub fn start(
+        dir: &Path,
+        keys: &RoleKeys,
+        expires: std::time::SystemTime,
+        region: &str,
+    ) -> Self {
+        Self::start_on("127.0.0.1", dir, keys, expires, region)
+    }
+
+    /// On loopback address `host` (127.0.0.2 keeps it apart from moto, for
+    /// `NO_PROXY`).
+    pub fn start_on(
+        host: &str,
         dir: &Path,
         keys: &RoleKeys,
         expires: std::time::SystemTime,
@@ -861,6 +895,7 @@ impl Imds {
         std::fs::create_dir_all(&dir).unwrap();
         let mut imds = Imds {
             child: None,
+            host: host.to_owned(),
             port: 0,
             dir,
             region: region.to_owned(),
@@ -881,7 +916,7 @@ impl Imds {
         Command::new(IMDS_MOCK)
             .arg("--config-file")
             .arg(self.dir.join("config.json"))
-            .args(["--watch-config-file", "--imdsv2", "--hostname", "127.0.0.1"])
+            .args(["--watch-config-file", "--imdsv2", "--hostname", &self.host])
             .args(["--port", &port.to_string()])
             // It looks for (and may save) its config under $HOME.
             .env("HOME", &self.dir)
@@ -914,9 +949,19 @@ impl Imds {
         std::fs::rename(&tmp, self.dir.join("config.json")).unwrap();
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://HOST:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
+    }
+
+    /// The paths of the metadata requests it has answered, from its log.
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("imds.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split("Received request to mock static metadata: ").nth(1))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The environment that points the AWS SDK's instance-metadata
@@ -932,7 +977,7 @@ impl Imds {
     /// The access key the emulator serves now, asked as the SDK asks
     /// (IMDSv2: a session token first); `None` while it does not answer.
     pub fn served_key(&self) -> Option<String> {
-        let addr = format!("127.0.0.1:{}", self.port);
+        let addr = format!("{}:{}", self.host, self.port);
         let token = try_http(
             &addr,
             "PUT",
@@ -963,7 +1008,7 @@ impl Imds {
 
     /// Whether a request without an IMDSv2 session token is refused.
     pub fn refuses_v1(&self) -> bool {
-        let addr = format!("127.0.0.1:{}", self.port);
+        let addr = format!("{}:{}", self.host, self.port);
         let (status, _, _) = http(&addr, "GET", "/latest/meta-data/placement/region", &[], b"");
         status == 401
     }
@@ -1007,6 +1052,84 @@ impl Imds {
 }
 
 impl Drop for Imds {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+// === HTTP proxy ===
+
+/// tinyproxy (Debian's), an HTTP proxy on a loopback port that logs every
+/// request it forwards.
+pub struct Tinyproxy {
+    child: Option<Child>,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    log: PathBuf,
+}
+
+impl Tinyproxy {
+    pub fn start(dir: &Path) -> Self {
+        let bin = require("tinyproxy", "tinyproxy (Debian's `tinyproxy` package)");
+        let dir = dir.join("tinyproxy");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("tinyproxy.log");
+        let (child, port) = start_on_free_port("tinyproxy", |port| {
+            let conf = dir.join("tinyproxy.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{}\"\nLogLevel Info\nMaxClients 100\nAllow 127.0.0.1\n",
+                    log.display()
+                ),
+            )
+            .unwrap();
+            Command::new(&bin)
+                .arg("-d")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        });
+        Tinyproxy {
+            child: Some(child),
+            addr: format!("127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, as `HTTPS_PROXY` names it.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The request lines it has forwarded (`POST http://HOST:PORT/ HTTP/1.1`).
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split("]: Request (file descriptor ").nth(1))
+            .filter_map(|l| l.split_once("): ").map(|(_, r)| r.to_owned()))
+            .collect()
+    }
+
+    /// How many requests it forwarded to `http://{authority}/…`.
+    pub fn requests_to(&self, authority: &str) -> usize {
+        let prefix = format!("http://{authority}/");
+        self.requests()
+            .iter()
+            .filter(|r| {
+                r.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|u| u.starts_with(&prefix))
+            })
+            .count()
+    }
+}
+
+impl Drop for Tinyproxy {
     fn drop(&mut self) {
         kill(&mut self.child);
     }
