@@ -182,7 +182,7 @@ pub enum LogLevel {
     Info,
     /// One line per call.
     Debug,
-    /// Everything, including the HTTP/2 and AWS SDK internals.
+    /// Everything the proxy logs (libraries still log warnings only).
     Trace,
 }
 

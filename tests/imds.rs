@@ -181,6 +181,20 @@ async fn a_daemon_started_while_instance_metadata_is_down_recovers_when_it_retur
         .await
         .unwrap();
 
+    // The SDK looked for a region once (its warning at trace, once), and
+    // the daemon said so in one line.
+    let logs = proxy.logs();
+    assert_eq!(
+        logs.matches("failed to load region from IMDS").count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("no AWS region in the environment").count(),
+        1,
+        "{logs}"
+    );
+
     imds.start_again();
     assert_eq!(imds.served_key().as_deref(), Some(role.access_key.as_str()));
     // The cache retries on its backoff (1 s, doubling, jittered); each pull
@@ -202,4 +216,42 @@ async fn a_daemon_started_while_instance_metadata_is_down_recovers_when_it_retur
         vec![(role.access_key.clone(), Some(role.session_token.clone()))]
     );
     assert_no_role_secret(&proxy.logs(), &[&role]);
+}
+
+/// At the level a node runs at, a daemon that finds no AWS region says so
+/// in one line of its own, not in the SDK's error dumps (one per chain
+/// that looks, three before).
+#[tokio::test(flavor = "multi_thread")]
+async fn no_region_anywhere_is_one_info_line_not_the_sdks_warnings() {
+    let s = Stack::start(&[ECR_HOST]);
+    let mut imds = Imds::start(
+        s.dir.path(),
+        &RoleKeys::tagged("one"),
+        SystemTime::now() + Duration::from_secs(6 * 3600),
+        INSTANCE_REGION,
+    );
+    imds.stop();
+    let proxy = s.proxy_with_env_args(
+        "p",
+        "token_wait = \"0s\"",
+        env(&s, &imds),
+        vec!["--log-level", "info"],
+    );
+    for _ in 0..2 {
+        pull(proxy.channel(), &format!("{ECR_HOST}/app:v1"), None)
+            .await
+            .unwrap_err();
+    }
+    let logs = proxy.logs();
+    let summary: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("no AWS region in the environment"))
+        .collect();
+    assert_eq!(summary.len(), 1, "{logs}");
+    assert!(
+        summary[0].contains("INFO") && summary[0].contains("fallback=\"us-east-1\""),
+        "{logs}"
+    );
+    assert!(!logs.contains("failed to load region from IMDS"), "{logs}");
+    assert!(!logs.contains("FailedToLoadToken"), "{logs}");
 }

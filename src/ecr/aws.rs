@@ -26,11 +26,40 @@ pub fn behavior_version() -> BehaviorVersion {
 /// Session name used for `AssumeRole`, visible in CloudTrail.
 pub const ROLE_SESSION_NAME: &str = "ecr-pull-proxy";
 
+/// The shared configuration's region when neither the environment, the
+/// profile nor instance metadata names one. Token calls never use it (each
+/// goes to its registry's region); the credential chain's own STS calls
+/// (web identity, profile roles) and `check`'s `GetCallerIdentity` do.
+pub const FALLBACK_REGION: &str = "us-east-1";
+
 /// Loads the shared AWS configuration (environment, profile files, web
 /// identity, container and instance-metadata credentials, endpoint
 /// overrides such as `AWS_ENDPOINT_URL`).
+///
+/// The default region is resolved here, once. Left to the SDK, a node with
+/// no region anywhere would have it looked up by each chain that wants one
+/// (three times, each failure a warning with the whole error dump); one
+/// line of ours says what was found instead.
 pub async fn load_sdk_config(timeout: Duration) -> SdkConfig {
+    let region = match aws_config::default_provider::region::DefaultRegionChain::builder()
+        .build()
+        .region()
+        .await
+    {
+        Some(region) => {
+            tracing::debug!(region = %region, "default AWS region");
+            region
+        }
+        None => {
+            tracing::info!(
+                fallback = FALLBACK_REGION,
+                "no AWS region in the environment, the profile or instance metadata: token calls use each registry's region, the credential chain the fallback"
+            );
+            Region::from_static(FALLBACK_REGION)
+        }
+    };
     aws_config::defaults(behavior_version())
+        .region(region)
         .timeout_config(timeout_config(timeout))
         .retry_config(retry_config())
         .load()

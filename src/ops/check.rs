@@ -273,7 +273,7 @@ async fn identity(r: &mut Report, config: &Config) {
     let region = sdk
         .region()
         .map(ToString::to_string)
-        .unwrap_or_else(|| "us-east-1".into());
+        .unwrap_or_else(|| crate::ecr::aws::FALLBACK_REGION.into());
     let sts = aws_sdk_sts::Client::from_conf(
         aws_sdk_sts::config::Builder::from(&sdk)
             .region(aws_sdk_sts::config::Region::new(region))
