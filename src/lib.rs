@@ -32,6 +32,23 @@ pub mod transport;
 #[allow(missing_docs, clippy::all)]
 pub mod cri {
     tonic::include_proto!("runtime.v1");
+
+    /// Shows which credential fields are set, never their values (the
+    /// generated `Debug` would print the password, `auth` and tokens of
+    /// every `PullImageRequest` it met).
+    impl std::fmt::Debug for AuthConfig {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let set = |v: &str| if v.is_empty() { "" } else { "<redacted>" };
+            f.debug_struct("AuthConfig")
+                .field("username", &self.username)
+                .field("password", &set(&self.password))
+                .field("auth", &set(&self.auth))
+                .field("server_address", &self.server_address)
+                .field("identity_token", &set(&self.identity_token))
+                .field("registry_token", &set(&self.registry_token))
+                .finish()
+        }
+    }
 }
 
 use std::sync::Arc;

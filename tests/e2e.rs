@@ -411,7 +411,7 @@ async fn registries_entry_with_role_pulls_a_mirror_with_the_roles_token() {
 patterns = ["ecr-mirror.internal/team"]
 registry = "210987654321.dkr.ecr.eu-west-1.amazonaws.com"
 role_arn = "arn:aws:iam::210987654321:role/pull"
-external_id = "ext-1"
+external_id = "ext-id-pull-5c8e"
 "#;
     let port = support::real::free_port();
     let metrics = format!("127.0.0.1:{port}");
@@ -433,7 +433,11 @@ external_id = "ext-1"
         "{}",
         assume[0].2
     );
-    assert!(assume[0].2.contains("ExternalId=ext-1"), "{}", assume[0].2);
+    assert!(
+        assume[0].2.contains("ExternalId=ext-id-pull-5c8e"),
+        "{}",
+        assume[0].2
+    );
     assert_eq!(s.moto.calls("GetAuthorizationToken", "eu-west-1"), 1);
     // Both AWS calls are counted, each under its own API.
     let (_, text) = scrape(&metrics, "/metrics");
@@ -553,7 +557,9 @@ async fn ecr_public_gets_a_token_when_enabled_and_goes_anonymous_without_one() {
 
 fn scrape(addr: &str, path: &str) -> (u16, String) {
     let (status, _, body) = support::real::http(addr, "GET", path, &[], b"");
-    (status, String::from_utf8(body).unwrap())
+    let body = String::from_utf8(body).unwrap();
+    support::secrets::assert_none_in(&format!("the answer to GET {path}"), &body);
+    (status, body)
 }
 
 /// The value of the first sample line starting with `prefix`.

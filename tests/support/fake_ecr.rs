@@ -37,6 +37,7 @@ impl FakeEcr {
     /// Serves tokens that decode to `AWS:<password>`.
     pub fn start(password: &str) -> Self {
         use base64::Engine;
+        super::secrets::issued(password);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let calls = Arc::new(AtomicUsize::new(0));

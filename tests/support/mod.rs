@@ -10,6 +10,7 @@ pub mod pod;
 pub mod raw;
 pub mod real;
 pub mod scripted;
+pub mod secrets;
 pub mod stack;
 
 use std::io::Read;
@@ -71,6 +72,8 @@ pub fn get_unix(socket: &Path, path: &str) -> String {
     write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
+    // Whatever the admin endpoint serves (`/metrics` after failures too).
+    secrets::assert_none_in(&format!("the answer to GET {path}"), &out);
     out
 }
 
@@ -137,6 +140,13 @@ impl ProxyProcess {
         } else {
             format!("sandbox_image = \"off\"\n{text}")
         };
+        // A role's external id is a secret the config hands the daemon.
+        for line in text.lines() {
+            if let Some(v) = line.trim().strip_prefix("external_id") {
+                let v = v.trim_start().trim_start_matches('=').trim();
+                secrets::issued(v.trim_matches('"'));
+            }
+        }
         std::fs::write(&config, text).unwrap();
         cmd.arg("--config").arg(&config);
         cmd.args(&opts.args);
@@ -312,6 +322,8 @@ pub fn run_with_env(
                 .unwrap()
                 .read_to_string(&mut out)
                 .unwrap();
+            // Every run's output, passing or failing (`check` above all).
+            secrets::assert_none_in(&format!("the output of {args:?}"), &out);
             return (status.code(), out);
         }
         if Instant::now() > deadline {

@@ -120,6 +120,15 @@ pub fn http(
     panic!("{method} http://{addr}{path}: connection reset every time");
 }
 
+/// `GET path` once: the body if the answer is 200, else `None` (the
+/// server may be gone).
+pub fn try_http_get(addr: &str, path: &str) -> Option<Vec<u8>> {
+    match try_http(addr, "GET", path, &[], b"") {
+        Ok((200, _, body)) => Some(body),
+        _ => None,
+    }
+}
+
 fn try_http(
     addr: &str,
     method: &str,
@@ -166,6 +175,7 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry in `dir` whose only user is `user`/`password`.
     pub fn start(dir: &Path, user: &str, password: &str) -> Self {
+        super::secrets::issued(password);
         let bin = require("docker-registry", "the Debian package docker-registry");
         let htpasswd = require("htpasswd", "the Debian package apache2-utils");
         let out = Command::new(htpasswd)
@@ -696,6 +706,7 @@ impl Moto {
             b"",
         );
         assert_eq!(status, 200, "{head}");
+        super::secrets::moto_started(&m.addr);
         m
     }
 
@@ -820,6 +831,7 @@ struct Recorded {
 
 impl Drop for Moto {
     fn drop(&mut self) {
+        super::secrets::moto_stopped(&self.addr);
         kill(&mut self.child);
     }
 }
@@ -845,11 +857,14 @@ impl RoleKeys {
     /// Keys whose every part carries `tag`, so that a test can tell them
     /// apart from the stack's other secrets and from each other.
     pub fn tagged(tag: &str) -> Self {
-        RoleKeys {
+        let keys = RoleKeys {
             access_key: format!("ASIAROLE{}", tag.to_ascii_uppercase()),
             secret: format!("role-secret-{tag}-5be1"),
             session_token: format!("role-session-{tag}-a93c"),
-        }
+        };
+        super::secrets::issued(&keys.secret);
+        super::secrets::issued(&keys.session_token);
+        keys
     }
 }
 
