@@ -39,6 +39,8 @@ pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 pub const DEFAULT_EXISTING_CREDENTIALS: ExistingCredentials = ExistingCredentials::Fallback;
 /// Whether `public.ecr.aws` pulls get an ECR Public token.
 pub const DEFAULT_ECR_PUBLIC: bool = false;
+/// Whether the default ECR host patterns apply (`default_patterns`).
+pub const DEFAULT_DEFAULT_PATTERNS: bool = true;
 /// Largest gRPC message read (a PullImage request); kubelet's own limit.
 pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// Which sandbox (pause) image the daemon keeps present: learned from
@@ -480,7 +482,7 @@ impl Config {
 
         let mut ecr_patterns = Vec::new();
         let mut max_token_age = None;
-        if file.default_patterns.unwrap_or(true) {
+        if file.default_patterns.unwrap_or(DEFAULT_DEFAULT_PATTERNS) {
             ecr_patterns = DEFAULT_PATTERNS
                 .iter()
                 .map(|p| Pattern::new(p).expect("default patterns compile"))

@@ -85,6 +85,69 @@ fn install_snippets_name_the_default_socket() {
     }
 }
 
+/// `(key, default cell)` of each row of the config keys table.
+fn default_cells(readme: &str) -> Vec<(String, String)> {
+    let section = readme.split("### Config file keys").nth(1).unwrap();
+    section
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].trim_matches('`').to_owned(), cells[2].to_owned())
+        })
+        .collect()
+}
+
+/// Each key's default, in its own cell of the config keys table, is the
+/// constant the code uses (a value that merely appears somewhere in the
+/// README, as `30s` or `2m` do in prose, does not count).
+#[test]
+fn each_default_is_the_constant_in_its_table_cell() {
+    use config::*;
+    let quoted = |s: &str| format!("`\"{s}\"`");
+    let duration = |d: std::time::Duration| quoted(&humantime::format_duration(d).to_string());
+    let plain = |s: &str| format!("`{s}`");
+    let expected = [
+        ("listen", plain(DEFAULT_LISTEN)),
+        ("upstream", plain(DEFAULT_UPSTREAM)),
+        (
+            "socket_mode",
+            quoted(&format!("{:04o}", DEFAULT_SOCKET_MODE)),
+        ),
+        ("shutdown_grace", duration(DEFAULT_SHUTDOWN_GRACE)),
+        ("log_level", quoted(DEFAULT_LOG_LEVEL.as_str())),
+        ("log_format", quoted(DEFAULT_LOG_FORMAT.as_str())),
+        (
+            "existing_credentials",
+            quoted(&DEFAULT_EXISTING_CREDENTIALS.to_string()),
+        ),
+        ("aws_timeout", duration(DEFAULT_AWS_TIMEOUT)),
+        ("token_wait", duration(DEFAULT_TOKEN_WAIT)),
+        ("ecr_public", plain(&DEFAULT_ECR_PUBLIC.to_string())),
+        (
+            "default_patterns",
+            plain(&DEFAULT_DEFAULT_PATTERNS.to_string()),
+        ),
+        ("sandbox_image", quoted(DEFAULT_SANDBOX_IMAGE)),
+        ("containerd_config", plain(DEFAULT_CONTAINERD_CONFIG)),
+        (
+            "sandbox_check_interval",
+            duration(DEFAULT_SANDBOX_CHECK_INTERVAL),
+        ),
+    ];
+    let cells = default_cells(&readme());
+    for (key, want) in &expected {
+        let cell = cells
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, c)| c.as_str())
+            .unwrap_or_else(|| panic!("README's config keys table has no row for {key}"));
+        assert_eq!(cell, want, "README's default for {key}");
+    }
+}
+
 #[test]
 fn readme_states_the_defaults_the_code_uses() {
     let readme = readme();

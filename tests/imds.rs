@@ -255,3 +255,100 @@ async fn no_region_anywhere_is_one_info_line_not_the_sdks_warnings() {
     assert!(!logs.contains("failed to load region from IMDS"), "{logs}");
     assert!(!logs.contains("FailedToLoadToken"), "{logs}");
 }
+
+/// A `check` output line reduced to its shape: the label column, and the
+/// value with what differs from node to node (ARNs, paths, timestamps,
+/// quoted patterns, numbers) replaced by a placeholder.
+fn check_shape(line: &str) -> (String, String) {
+    let (label, value) = match line.split_once(": ") {
+        // `ok: …` and `problem: …` have no label column.
+        Some((l @ ("ok" | "problem"), v)) => (l.to_owned(), v.to_owned()),
+        _ => (
+            line.get(..CHECK_LABEL_WIDTH)
+                .unwrap_or(line)
+                .trim()
+                .to_owned(),
+            line.get(CHECK_LABEL_WIDTH..).unwrap_or("").to_owned(),
+        ),
+    };
+    let mut out = String::new();
+    let mut rest = value.as_str();
+    while let Some(c) = rest.chars().next() {
+        let token_end = |r: &str, stop: &[char]| r.find(|c| stop.contains(&c)).unwrap_or(r.len());
+        let skip = if rest.starts_with("arn:") {
+            out.push_str("ARN");
+            token_end(rest, &[' ', ')'])
+        } else if c == '/' && (out.is_empty() || out.ends_with([' ', '('])) {
+            out.push_str("PATH");
+            token_end(rest, &[' ', ':', ';', ')'])
+        } else if c == '"' {
+            out.push('Q');
+            rest[1..].find('"').map_or(rest.len(), |i| i + 2)
+        } else if c.is_ascii_digit() {
+            // A number, or a timestamp (2026-11-29T04:00:00Z).
+            let end = token_end(rest, &[' ', ',', ';', ')', '.', '/', ':', 'h', 'm', 's']).max(1);
+            let end = if rest[..end].contains('-') && rest[end..].starts_with(':') {
+                token_end(rest, &[' ', ',', ';', ')'])
+            } else {
+                end
+            };
+            out.push('N');
+            end
+        } else {
+            out.push(c);
+            c.len_utf8()
+        };
+        rest = &rest[skip..];
+    }
+    (label, out)
+}
+
+/// Where `check` starts its values.
+const CHECK_LABEL_WIDTH: usize = 22;
+
+/// README's `check` sample is a real run's output, line for line, on a
+/// node whose identity is its instance role: the same lines in the same
+/// order, each the same but for ARNs, paths, times, patterns and numbers.
+#[test]
+fn the_readmes_check_sample_has_the_shape_of_a_real_run() {
+    let s = Stack::start(&[ECR_HOST]);
+    let role = RoleKeys::tagged("sample");
+    let expires = SystemTime::now() + Duration::from_secs(6 * 3600);
+    let imds = Imds::start(s.dir.path(), &role, expires, INSTANCE_REGION);
+    // A token with a real lifetime (moto's expired in 2015).
+    let ecr = support::fake_ecr::FakeEcr::start("sample-password-1e9d");
+    let mut env = env(&s, &imds);
+    env.push(("AWS_ENDPOINT_URL_ECR", ecr.endpoint.clone()));
+    let config = s.dir.path().join("config.toml");
+    std::fs::write(&config, "").unwrap();
+    let args = [
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--upstream",
+        s.containerd.socket.to_str().unwrap(),
+        "--image",
+        &format!("{ECR_HOST}/app:v1"),
+    ];
+    let (code, out) = run_with_env(&args, &env, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(ecr.calls(), 1, "check should have fetched a token");
+
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let sample: Vec<&str> = readme
+        .split("ecr-pull-proxy check --image <the image that fails>")
+        .nth(1)
+        .and_then(|r| r.split("```\n").nth(1))
+        .expect("README Troubleshooting has a check sample")
+        .lines()
+        .collect();
+    let real: Vec<&str> = out.lines().collect();
+    let shapes = |lines: &[&str]| lines.iter().map(|l| check_shape(l)).collect::<Vec<_>>();
+    assert_eq!(
+        shapes(&sample),
+        shapes(&real),
+        "README's check sample:\n{}\nreal:\n{out}",
+        sample.join("\n")
+    );
+}
