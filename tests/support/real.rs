@@ -150,10 +150,16 @@ fn try_http(
     s.write_all(body)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
+    // No head: the server closed without answering (it is stopping).
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .expect("http response head");
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("no HTTP response head in {} bytes", raw.len()),
+            )
+        })?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     Ok((status, head, raw[split + 4..].to_vec()))
