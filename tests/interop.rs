@@ -423,7 +423,12 @@ fn rides_out_containerd_absent_then_restarted(caller: &[PathBuf]) {
     use std::time::Duration;
     let mut s = Stack::start(&[ECR_HOST]);
     s.containerd.kill();
-    let proxy = s.proxy("p", "");
+    let metrics = s.dir.path().join("m.sock");
+    let proxy = s.proxy(
+        "p",
+        &format!("metrics_listen = \"unix:{}\"", metrics.display()),
+    );
+    let accepted_before = accepted_so_far(&metrics);
     let watch = start_watching(caller, &proxy.socket);
     std::thread::sleep(Duration::from_millis(1500));
     s.containerd.restart();
@@ -457,6 +462,14 @@ fn rides_out_containerd_absent_then_restarted(caller: &[PathBuf]) {
         first_ok_again.saturating_sub(back)
     );
     assert_eq!(w.ready, 1, "the caller had to reconnect: {stdout}");
+    // Counted where it happens too: the proxy accepted one connection from
+    // the caller in all (a client's quick reconnect shows no ready-state
+    // change).
+    assert_eq!(
+        metric(&metrics, "ecr_pull_proxy_connections_total"),
+        accepted_before + 1,
+        "the proxy accepted more than the caller's one connection: {stdout}"
+    );
     let logs = proxy.logs();
     assert!(!logs.contains("closed a client connection"), "{logs}");
     assert!(logs.contains("upstream answers again"), "{logs}");
@@ -471,6 +484,30 @@ fn a_grpc_go_caller_rides_out_containerd_absent_then_restarted() {
 #[test]
 fn a_grpc_c_core_caller_rides_out_containerd_absent_then_restarted() {
     rides_out_containerd_absent_then_restarted(&[python(), C_CORE_CLIENT.into()]);
+}
+
+/// The value of the proxy's metric `name` (a counter or gauge with no
+/// labels), scraped from its metrics socket.
+fn metric(metrics: &Path, name: &str) -> u64 {
+    let text = support::get_unix(metrics, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Connections the proxy has accepted before a test's caller connects: the
+/// harness's readiness probe (`ProxyProcess::start` connects once), waited
+/// for so that it is counted before the caller's.
+fn accepted_so_far(metrics: &Path) -> u64 {
+    support::wait_until(
+        std::time::Duration::from_secs(5),
+        "the readiness probe's connection to be counted",
+        || metric(metrics, "ecr_pull_proxy_connections_total") >= 1,
+    );
+    metric(metrics, "ecr_pull_proxy_connections_total")
 }
 
 fn python() -> PathBuf {
@@ -580,79 +617,295 @@ impl Lines {
 
 /// A pull cancelled mid-download by its caller (a pod deleted while its
 /// image pulls: kubelet cancels that one call, no deadline involved), on a
-/// connection that stays open: containerd stops the pull (the registry
-/// sees containerd close its connection), the caller's other calls on the
-/// same connection go on, and it never reconnects.
-fn a_cancelled_pull_stops_in_containerd(caller: &[PathBuf]) {
+/// connection the caller keeps open: containerd stops the pull (the
+/// registry sees containerd close its connection) while the caller still
+/// holds its connection, so the stream reset did it, not a connection's
+/// teardown; the caller's other calls on that connection go on, and the
+/// proxy accepted that one connection only.
+struct Cancel {
+    _dir: tempfile::TempDir,
+    _moto: support::real::Moto,
+    _registry: support::real::Registry,
+    relay: support::real::Relay,
+    _containerd: support::real::Containerd,
+    proxy: support::ProxyProcess,
+    metrics: PathBuf,
+    /// Connections accepted before the caller's (the harness's probe).
+    accepted_before: u64,
+    image: String,
+}
+
+impl Cancel {
+    /// containerd `version` reaching the registry through a relay that
+    /// freezes the layer download, and the proxy in front of it.
+    fn start(version: ContainerdVersion) -> Cancel {
+        use support::real::{Containerd, Moto, Registry, Relay, MOTO_PASSWORD};
+        let dir = support::short_tempdir();
+        let moto = Moto::start(dir.path());
+        let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
+        registry.push_image_sized("big", &["v1"], 1024 * 1024);
+        let relay = Relay::start(&registry.addr);
+        let containerd = Containerd::start_version(
+            dir.path(),
+            &[(ECR_HOST, relay.addr.as_str())],
+            None,
+            version,
+        );
+        let metrics = dir.path().join("m.sock");
+        let config = format!("metrics_listen = \"unix:{}\"", metrics.display());
+        let proxy = support::ProxyProcess::start(
+            dir.path(),
+            &containerd.socket,
+            support::ProxyOptions {
+                config: Some(&config),
+                env: moto.env(),
+                ..Default::default()
+            },
+        );
+        relay.stall(true);
+        let accepted_before = accepted_so_far(&metrics);
+        Cancel {
+            _dir: dir,
+            _moto: moto,
+            _registry: registry,
+            relay,
+            _containerd: containerd,
+            proxy,
+            metrics,
+            accepted_before,
+            image: format!("{ECR_HOST}/big:v1"),
+        }
+    }
+
+    /// The pull reached the registry and froze there; nothing gave it up.
+    fn wait_stalled(&self, timeout: std::time::Duration) {
+        support::wait_until(timeout, "the layer download to stall", || {
+            self.relay.stalled() > 0
+        });
+        assert_eq!(
+            self.relay.closed(),
+            0,
+            "no download given up before the cancel"
+        );
+    }
+
+    /// With the caller's connection still open (`holding` says so from the
+    /// caller's side, the proxy's gauge from its own), containerd gives up
+    /// the download: its connection to the registry closes, though the
+    /// registry is still frozen mid-layer.
+    fn assert_stopped_while_held(&self, who: &str, mut holding: impl FnMut() -> bool) {
+        use std::time::{Duration, Instant};
+        let cancelled_at = Instant::now();
+        support::wait_until(
+            Duration::from_secs(10),
+            "containerd to close its registry connection while the caller holds its connection",
+            || self.relay.closed() > 0,
+        );
+        assert!(
+            holding(),
+            "{who} let go of its connection before containerd stopped"
+        );
+        assert_eq!(
+            metric(&self.metrics, "ecr_pull_proxy_connections_open"),
+            1,
+            "the proxy should still have the caller's connection"
+        );
+        assert_eq!(
+            metric(&self.metrics, "ecr_pull_proxy_connections_total"),
+            self.accepted_before + 1,
+            "the caller used one connection throughout"
+        );
+        println!(
+            "{who}: containerd closed the frozen download {:?} after the cancel was reported, the connection still open",
+            cancelled_at.elapsed()
+        );
+        let logs = self.proxy.logs();
+        assert!(logs.contains("result=\"cancelled\""), "{logs}");
+        assert_no_secrets(&logs);
+    }
+}
+
+/// A grpc-go or grpcio caller (`cancel:MS` mode, see its source): cancels,
+/// reports, then holds its connection until its standard input closes.
+fn a_callers_cancelled_pull_stops_in_containerd(caller: &[PathBuf], version: ContainerdVersion) {
+    use std::io::BufRead;
+    use std::process::Stdio;
     use std::time::{Duration, Instant};
-    use support::real::{Containerd, Moto, Registry, Relay, MOTO_PASSWORD};
-    let dir = support::short_tempdir();
-    let moto = Moto::start(dir.path());
-    let registry = Registry::start(dir.path(), "AWS", MOTO_PASSWORD);
-    registry.push_image_sized("big", &["v1"], 1024 * 1024);
-    let relay = Relay::start(&registry.addr);
-    let containerd = Containerd::start(dir.path(), &[(ECR_HOST, relay.addr.as_str())]);
-    let proxy = support::ProxyProcess::start(
-        dir.path(),
-        &containerd.socket,
-        support::ProxyOptions {
-            env: moto.env(),
-            ..Default::default()
-        },
-    );
-    relay.stall(true);
-    let image = format!("{ECR_HOST}/big:v1");
-    // The caller cancels after 4 s; by then the layer download is frozen.
-    let (caller_run, socket) = (caller.to_vec(), proxy.socket.clone());
-    let running =
-        std::thread::spawn(move || run_mode(&caller_run, &socket, &image, &["cancel:4000"]));
-    support::wait_until(
-        Duration::from_secs(4),
-        "the layer download to stall",
-        || relay.stalled() > 0,
-    );
-    assert_eq!(relay.closed(), 0, "no download given up before the cancel");
-    let out = running.join().unwrap();
-    let cancelled_at = Instant::now();
-    let stdout = &out.0;
+    let c = Cancel::start(version);
+    let mut child = Command::new(&caller[0])
+        .args(&caller[1..])
+        .arg(&c.proxy.socket)
+        .arg(&c.image)
+        .arg("cancel:5000")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    c.wait_stalled(Duration::from_secs(5));
+    // Its report, up to `# holding`.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut report = String::new();
+    while !report.contains("# holding") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("{caller:?} did not report its cancel: {report}"));
+        report.push_str(&line);
+        report.push('\n');
+    }
+    let out = Lines(report.clone());
     let line = |name: &str| out.get(name);
     // (grpc-go spells it CANCELED.)
     assert!(
         ["CANCELLED", "CANCELED"].contains(&line("pull").as_str()),
-        "{stdout}"
+        "{report}"
     );
-    assert_eq!(line("during"), "OK", "a call beside the pull: {stdout}");
-    assert_eq!(line("after"), "OK", "a call after the cancel: {stdout}");
+    assert_eq!(line("during"), "OK", "a call beside the pull: {report}");
+    assert_eq!(line("after"), "OK", "a call after the cancel: {report}");
     assert_eq!(
         line("# ready"),
         "1",
-        "the caller kept its connection: {stdout}"
+        "the caller kept its connection: {report}"
     );
-    // containerd gives up the download: its connection to the registry
-    // closes, though the registry is still frozen mid-layer.
-    support::wait_until(
-        Duration::from_secs(10),
-        "containerd to close its registry connection",
-        || relay.closed() > 0,
-    );
-    println!(
-        "{}: the frozen download closed {:?} after the caller finished",
-        caller[caller.len() - 1].display(),
-        cancelled_at.elapsed()
-    );
-    let logs = proxy.logs();
-    assert!(logs.contains("result=\"cancelled\""), "{logs}");
-    assert_no_secrets(&logs);
+    let who = caller[caller.len() - 1].display().to_string();
+    c.assert_stopped_while_held(&who, || child.try_wait().unwrap().is_none());
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
 }
 
 #[test]
-fn a_grpc_go_callers_cancelled_pull_stops_in_containerd() {
-    a_cancelled_pull_stops_in_containerd(&[go_client()]);
+fn a_grpc_go_callers_cancelled_pull_stops_in_containerd_1_6() {
+    a_callers_cancelled_pull_stops_in_containerd(&[go_client()], ContainerdVersion::One);
 }
 
 #[test]
-fn a_grpc_c_core_callers_cancelled_pull_stops_in_containerd() {
-    a_cancelled_pull_stops_in_containerd(&[python(), C_CORE_CLIENT.into()]);
+fn a_grpc_go_callers_cancelled_pull_stops_in_containerd_2() {
+    a_callers_cancelled_pull_stops_in_containerd(&[go_client()], ContainerdVersion::Two);
+}
+
+#[test]
+fn a_grpc_c_core_callers_cancelled_pull_stops_in_containerd_1_6() {
+    a_callers_cancelled_pull_stops_in_containerd(
+        &[python(), C_CORE_CLIENT.into()],
+        ContainerdVersion::One,
+    );
+}
+
+#[test]
+fn a_grpc_c_core_callers_cancelled_pull_stops_in_containerd_2() {
+    a_callers_cancelled_pull_stops_in_containerd(
+        &[python(), C_CORE_CLIENT.into()],
+        ContainerdVersion::Two,
+    );
+}
+
+/// A tonic caller: the pull's future dropped (its task aborted), the
+/// channel kept.
+async fn a_tonic_callers_cancelled_pull_stops_in_containerd(version: ContainerdVersion) {
+    use std::time::Duration;
+    let c = Cancel::start(version);
+    let channel = support::channel(&c.proxy.socket);
+    let pulling = tokio::spawn({
+        let (channel, image) = (channel.clone(), c.image.clone());
+        async move { pull(channel, &image, None).await }
+    });
+    tokio::task::block_in_place(|| c.wait_stalled(Duration::from_secs(10)));
+    pulling.abort();
+    assert!(pulling.await.unwrap_err().is_cancelled());
+    client(channel.clone())
+        .image_fs_info(ecr_pull_proxy::cri::ImageFsInfoRequest {})
+        .await
+        .expect("a call after the cancel, on the same channel");
+    tokio::task::block_in_place(|| c.assert_stopped_while_held("tonic", || true));
+    drop(channel);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tonic_callers_cancelled_pull_stops_in_containerd_1_6() {
+    a_tonic_callers_cancelled_pull_stops_in_containerd(ContainerdVersion::One).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tonic_callers_cancelled_pull_stops_in_containerd_2() {
+    a_tonic_callers_cancelled_pull_stops_in_containerd(ContainerdVersion::Two).await;
+}
+
+/// A raw HTTP/2 caller (the h2 crate, no gRPC library): `RST_STREAM`
+/// with `CANCEL` on the pull's stream, the connection kept.
+async fn a_raw_h2_callers_cancelled_pull_stops_in_containerd(version: ContainerdVersion) {
+    use bytes::Bytes;
+    use prost::Message;
+    use std::time::Duration;
+    let c = Cancel::start(version);
+    let io = tokio::net::UnixStream::connect(&c.proxy.socket)
+        .await
+        .unwrap();
+    let (send, connection) = h2::client::handshake(io).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = |method: &str| {
+        http::Request::post(format!("http://localhost/runtime.v1.ImageService/{method}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    };
+    let message = ecr_pull_proxy::cri::PullImageRequest {
+        image: Some(ecr_pull_proxy::cri::ImageSpec {
+            image: c.image.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut send = send.ready().await.unwrap();
+    let (answer, mut stream) = send.send_request(request("PullImage"), false).unwrap();
+    stream
+        .send_data(ecr_pull_proxy::pull::wire::frame(&message), true)
+        .unwrap();
+    tokio::task::block_in_place(|| c.wait_stalled(Duration::from_secs(10)));
+    stream.send_reset(h2::Reason::CANCEL);
+    assert!(answer.await.is_err(), "the reset pull should not answer");
+    // Another call on the same connection answers.
+    let mut send = send.ready().await.unwrap();
+    let (answer, mut stream) = send.send_request(request("ImageFsInfo"), false).unwrap();
+    stream
+        .send_data(ecr_pull_proxy::pull::wire::frame(&[]), true)
+        .unwrap();
+    let mut body = answer.await.unwrap().into_body();
+    while let Some(data) = body.data().await {
+        let data: Bytes = data.unwrap();
+        body.flow_control().release_capacity(data.len()).unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..]),
+        "a call after the reset: {trailers:?}"
+    );
+    tokio::task::block_in_place(|| {
+        c.assert_stopped_while_held("raw h2", || !connection.is_finished())
+    });
+    drop(send);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raw_h2_callers_cancelled_pull_stops_in_containerd_1_6() {
+    a_raw_h2_callers_cancelled_pull_stops_in_containerd(ContainerdVersion::One).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raw_h2_callers_cancelled_pull_stops_in_containerd_2() {
+    a_raw_h2_callers_cancelled_pull_stops_in_containerd(ContainerdVersion::Two).await;
 }
 
 /// Runs `caller` in echo mode against `socket`: its `echo` and `stream`

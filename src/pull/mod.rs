@@ -308,6 +308,13 @@ impl<F: Forward> Pull<F> {
             .upstream
             .clone()
             .forward(request_from(parts, body, trailers));
+        // The mutation .ci/test checks the cancellation tests against: the
+        // call goes on in a task of its own when the caller's stream ends.
+        #[cfg(feature = "mutation-detach-upstream")]
+        let forwarded = {
+            let detached = tokio::spawn(forwarded);
+            async move { detached.await.expect("the detached upstream call") }
+        };
         async move {
             match forwarded.await {
                 Ok(r) => r,

@@ -10,7 +10,8 @@ prints how many did not end as expected.
 With cancel:MS it starts a pull of IMAGE with no deadline, cancels it after
 MS milliseconds while the channel stays open, and calls ImageFsInfo on the
 same channel before and after; prints `pull CODE`, `during CODE`,
-`after CODE` and `# ready N`.
+`after CODE` and `# ready N`, then `# holding`, and keeps the channel
+open until its standard input closes.
 
 With echo (against tests' scripted upstream) it sends an ImageStatus whose
 message carries a field no CRI version defines and prints `echo same` when
@@ -115,6 +116,12 @@ def cancel_pull(channel, spec, wait):
     print("during", during)
     print("after", after)
     print("# ready", len(ready), flush=True)
+    # The channel stays open until standard input closes, so that the test
+    # can watch containerd give up the pull while it is (the reset must do
+    # it, not the connection's teardown).
+    print("# holding", flush=True)
+    sys.stdin.read()
+    channel.close()
 
 
 def echo(channel, image):

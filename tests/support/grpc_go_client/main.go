@@ -11,7 +11,9 @@
 //
 // With cancel:MS it starts a pull of IMAGE with no deadline, cancels it
 // after MS milliseconds while the connection stays open, and calls
-// ImageFsInfo on the same connection before and after (see cancelPull).
+// ImageFsInfo on the same connection before and after (see cancelPull);
+// then it prints `# holding` and keeps the connection open until its
+// standard input closes.
 //
 // With echo (against tests' scripted upstream) it sends an ImageStatus
 // whose message carries a field no CRI version defines and prints `echo
@@ -148,6 +150,12 @@ func cancelPull(conn *grpc.ClientConn, spec []byte, wait time.Duration) {
 	fmt.Println("during", during)
 	fmt.Println("after", after)
 	printReady()
+	// The connection stays open until standard input closes, so that the
+	// test can watch containerd give up the pull while it is (the reset
+	// must do it, not the connection's teardown).
+	fmt.Println("# holding")
+	io.Copy(io.Discard, os.Stdin)
+	conn.Close()
 }
 
 // echo: see the file's comment.
