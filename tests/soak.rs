@@ -3,7 +3,8 @@
 //! containerd, registry and moto, for SOAK_SECONDS (default 15; `.ci/soak`
 //! runs 300). Samples the proxy's RSS and descriptors every second, prints a
 //! summary, and fails on any error, on descriptor growth, or on RSS that
-//! keeps growing after the first quarter.
+//! grows from the first third of the run to the last (medians of each, so
+//! that one sample does not decide).
 
 mod support;
 
@@ -15,6 +16,16 @@ use ecr_pull_proxy::cri;
 use support::stack::*;
 
 const CALLERS: usize = 16;
+/// How much the median RSS of the last third may exceed the first third's:
+/// allocator slack, not a leak (a leak of 1 KiB per call is ~1 MiB a
+/// second here).
+const RSS_GROWTH_LIMIT_KIB: u64 = 4 * 1024;
+
+/// The median of `values` (not empty).
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values[values.len() / 2]
+}
 
 #[tokio::main]
 async fn main() {
@@ -122,8 +133,15 @@ async fn main() {
     let elapsed = started.elapsed().as_secs_f64();
     // The kernel's high-water mark (VmHWM): the peak, even between samples.
     let (_, peak_rss) = proxy.rss_kib();
-    let quarter = samples[samples.len() / 4].0;
-    let end = samples.last().unwrap().0;
+    assert!(samples.len() >= 6, "too short a soak to compare thirds");
+    let third = samples.len() / 3;
+    let first = median(samples[..third].iter().map(|s| s.0).collect());
+    let last = median(
+        samples[samples.len() - third..]
+            .iter()
+            .map(|s| s.0)
+            .collect(),
+    );
     let fds_start = samples[0].1;
     let fds_max = samples.iter().map(|s| s.1).max().unwrap();
     let fds_end = samples.last().unwrap().1;
@@ -146,10 +164,10 @@ async fn main() {
         s.moto.calls("GetAuthorizationToken", "us-east-1")
     );
     println!(
-        "| RSS | peak {:.1} MiB; {:.1} MiB at 25 %, {:.1} MiB at the end |",
+        "| RSS | peak {:.1} MiB; median {:.1} MiB in the first third, {:.1} MiB in the last |",
         peak_rss as f64 / 1024.0,
-        quarter as f64 / 1024.0,
-        end as f64 / 1024.0
+        first as f64 / 1024.0,
+        last as f64 / 1024.0
     );
     println!("| fds | {fds_start} at start, {fds_max} max, {fds_end} at the end |");
     assert_eq!(call_errors + pull_errors, 0, "errors during the soak");
@@ -159,12 +177,8 @@ async fn main() {
         "descriptors grew: {fds_start} → {fds_end}"
     );
     assert!(
-        end <= quarter + 4 * 1024,
-        "RSS kept growing: {quarter} KiB at 25 %, {end} KiB at the end"
-    );
-    assert!(
-        peak_rss >= samples.iter().map(|s| s.0).max().unwrap(),
-        "the peak is at least every sample"
+        last <= first + RSS_GROWTH_LIMIT_KIB,
+        "RSS grew: median {first} KiB in the first third, {last} KiB in the last"
     );
     println!("soak passed");
 }

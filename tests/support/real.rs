@@ -249,6 +249,30 @@ impl Registry {
         }
     }
 
+    /// How many blobs (layers and configs) the registry has served whole
+    /// (`GET …/blobs/sha256:…` answered 200) so far: what containerd
+    /// really downloaded. Waits until the log has been quiet for 300 ms,
+    /// as [`Registry::manifest_requests`] does.
+    pub fn blob_downloads(&self) -> usize {
+        let read = || {
+            std::fs::read_to_string(&self.access_log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+                .filter(|l| l.split("\" ").nth(1).is_some_and(|a| a.starts_with("200 ")))
+                .count()
+        };
+        let mut last = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    }
+
     fn auth(&self) -> (&'static str, String) {
         use base64::Engine;
         let b = base64::engine::general_purpose::STANDARD
