@@ -1,8 +1,10 @@
 //! The operator's kit that ships with the package (systemd/monitoring/):
 //! the alert rules parse and pass their unit tests under Prometheus's own
 //! `promtool`, each alert has a case that fires it and one that must not,
-//! and every metric the rules and the dashboard query is one a running
-//! daemon serves, so a renamed metric breaks the build, not the pager.
+//! every metric the rules and the dashboard query is one a running daemon
+//! serves, so a renamed metric breaks the build, not the pager, and after
+//! real failures the served series carry the label values the rules select
+//! on.
 
 mod support;
 
@@ -283,4 +285,200 @@ fn metric_names_are_found_in_queries() {
             .into_iter()
             .collect()
     );
+}
+
+/// A selector's matchers: label, operator, value.
+type Matchers = Vec<(String, String, String)>;
+
+/// Every `ecr_pull_proxy_*{…}` selector in `expr`, with its matchers.
+fn selectors(expr: &str) -> Vec<(String, Matchers)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("ecr_pull_proxy_") {
+        rest = &rest[at..];
+        let name_len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let name = rest[..name_len].to_owned();
+        rest = &rest[name_len..];
+        let Some(body) = rest.strip_prefix('{') else {
+            continue;
+        };
+        let mut matchers = Vec::new();
+        let mut b = body;
+        loop {
+            b = b.trim_start_matches([',', ' ']);
+            if let Some(after) = b.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let label_len = b
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap();
+            let label = b[..label_len].to_owned();
+            b = &b[label_len..];
+            let op = ["=~", "!~", "!=", "="]
+                .into_iter()
+                .find(|op| b.starts_with(op))
+                .unwrap_or_else(|| panic!("no operator after {label} in {expr}"));
+            b = b[op.len()..].strip_prefix('"').unwrap();
+            let end = b.find('"').unwrap();
+            matchers.push((label, op.to_owned(), b[..end].to_owned()));
+            b = &b[end + 1..];
+        }
+        out.push((name, matchers));
+    }
+    out
+}
+
+/// The samples of a scrape: name and labels.
+fn series(scraped: &str) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+    // The body of the HTTP answer.
+    let body = scraped.split_once("\r\n\r\n").map_or(scraped, |(_, b)| b);
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let name_len = l.find(['{', ' ']).unwrap();
+            let mut labels = std::collections::BTreeMap::new();
+            if let Some(body) = l[name_len..].strip_prefix('{') {
+                let body = &body[..body.rfind('}').unwrap()];
+                for pair in body.split("\",") {
+                    let (k, v) = pair.split_once("=\"").unwrap();
+                    labels.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
+                }
+            }
+            (l[..name_len].to_owned(), labels)
+        })
+        .collect()
+}
+
+/// Whether `value` passes one matcher (the rules' regexes are
+/// alternations of literals: checked below).
+fn passes(value: &str, op: &str, want: &str) -> bool {
+    let alternatives = || want.split('|').any(|alt| alt == value);
+    match op {
+        "=" => value == want,
+        "!=" => value != want,
+        "=~" => alternatives(),
+        "!~" => !alternatives(),
+        _ => unreachable!(),
+    }
+}
+
+/// After real failures (a pull refused with the injected token, one
+/// refused with the caller's own credentials and then the token, one that
+/// got no token because the node has no AWS identity, calls while
+/// containerd is down), the series the daemon really serves carry the
+/// exact label values the alert rules select on: every selector of a rule
+/// about pulls, calls or AWS failures matches a scraped series, and every
+/// alternative of a `credentials=~` matcher is seen. (Throttling and
+/// denial codes that moto cannot produce are checked against the code
+/// lists above.)
+#[tokio::test(flavor = "multi_thread")]
+async fn scraped_series_after_real_failures_carry_the_labels_the_rules_select_on() {
+    use ecr_pull_proxy::cri;
+    use support::stack::{assert_refused, client, CALLER_PASSWORD};
+    // The registry wants another password than moto's token: every pull
+    // is refused by the registry itself.
+    let mut s = Stack::with_password(&[ECR_HOST], "registry-wants-another-password");
+    s.registry.push_image("app", &["v1"]);
+    let image = format!("{ECR_HOST}/app:v1");
+    let metrics = s.dir.path().join("m.sock");
+    let proxy = s.proxy(
+        "p",
+        &format!("metrics_listen = \"unix:{}\"", metrics.display()),
+    );
+    assert_refused(pull(proxy.channel(), &image, None).await);
+    let auth = cri::AuthConfig {
+        username: "AWS".into(),
+        password: CALLER_PASSWORD.into(),
+        server_address: ECR_HOST.into(),
+        ..Default::default()
+    };
+    assert_refused(pull(proxy.channel(), &image, Some(auth)).await);
+
+    // A node with no AWS identity at all: no token.
+    let bare_metrics = s.dir.path().join("bare.sock");
+    let bare = s.proxy_with_env(
+        "bare",
+        &format!(
+            "metrics_listen = \"unix:{}\"\ntoken_wait = \"0s\"",
+            bare_metrics.display()
+        ),
+        vec![("AWS_ENDPOINT_URL", format!("http://{}", s.moto.addr))],
+    );
+    let err = pull(bare.channel(), &image, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    // containerd down under the first proxy.
+    s.containerd.kill();
+    let err = client(proxy.channel())
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    support::wait_until(
+        std::time::Duration::from_secs(10),
+        "upstream_up to say containerd is down",
+        || support::get_unix(&metrics, "/metrics").contains("\necr_pull_proxy_upstream_up 0\n"),
+    );
+
+    let mut served = series(&support::get_unix(&metrics, "/metrics"));
+    served.extend(series(&support::get_unix(&bare_metrics, "/metrics")));
+    let mut checked = 0;
+    for rule in rules() {
+        let (alert, expr) = (
+            rule["alert"].as_str().unwrap(),
+            rule["expr"].as_str().unwrap(),
+        );
+        for (name, matchers) in selectors(expr) {
+            let produced_here = matches!(
+                name.as_str(),
+                "ecr_pull_proxy_pulls_total" | "ecr_pull_proxy_calls_total"
+            ) || matchers
+                .iter()
+                .any(|(l, op, v)| l == "code" && op == "!=" && v == "ok")
+                || alert == "EcrPullProxyAwsDenied";
+            if !produced_here {
+                continue;
+            }
+            for (_, op, v) in &matchers {
+                if op.ends_with('~') {
+                    assert!(
+                        v.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || " _|-".contains(c)),
+                        "{alert}: {v} is more than an alternation of literals"
+                    );
+                }
+            }
+            let matching: Vec<_> = served
+                .iter()
+                .filter(|(n, labels)| {
+                    *n == name
+                        && matchers.iter().all(|(l, op, v)| {
+                            passes(labels.get(l).map_or("", String::as_str), op, v)
+                        })
+                })
+                .collect();
+            assert!(
+                !matching.is_empty(),
+                "{alert}: no served series matches {name}{matchers:?}; served: {served:?}"
+            );
+            // Each alternative a rule names for `credentials` is a value the
+            // daemon really writes.
+            for (l, op, v) in &matchers {
+                if l == "credentials" && op == "=~" {
+                    for alt in v.split('|') {
+                        assert!(
+                            matching.iter().any(|(_, labels)| labels[l] == alt),
+                            "{alert}: no failed pull was labelled credentials=\"{alt}\": {matching:?}"
+                        );
+                    }
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} selectors checked");
+    drop(bare);
 }
