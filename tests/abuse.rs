@@ -6,7 +6,9 @@
 //! move, because a client's misdeeds say nothing about containerd.
 //!
 //! The attacker writes HTTP/2 frames by hand: no client library would send
-//! these.
+//! these. Each flood runs against the scripted upstream and again against
+//! real containerd 1.6, where the other client also pulls an image from
+//! private ECR (token injected) while the flood goes on.
 
 mod support;
 
@@ -18,7 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::raw;
+use support::real::ContainerdVersion;
 use support::scripted::ScriptedUpstream;
+use support::stack::{Stack, ECR_HOST};
 use support::{ProxyOptions, ProxyProcess};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -174,10 +178,54 @@ fn frames_of(s: &mut UnixStream, stream: u32) -> (Vec<u8>, Option<u32>) {
 }
 
 struct Bench {
-    _dir: tempfile::TempDir,
-    _upstream: ScriptedUpstream,
+    _dir: Option<tempfile::TempDir>,
+    upstream: Upstream,
     proxy: ProxyProcess,
     metrics: std::path::PathBuf,
+}
+
+/// What the daemon forwards to.
+enum Upstream {
+    /// The scripted upstream, which records every call it gets.
+    Scripted(ScriptedUpstream),
+    /// Real containerd 1.6, with a registry holding an image in private
+    /// "ECR" and moto for its token: the other client pulls it.
+    Containerd(Box<Stack>),
+}
+
+/// The image the other client pulls from private ECR when the upstream is
+/// real containerd.
+fn ecr_image() -> String {
+    format!("{ECR_HOST}/app:v1")
+}
+
+impl Bench {
+    fn scripted(&self) -> &ScriptedUpstream {
+        match &self.upstream {
+            Upstream::Scripted(u) => u,
+            Upstream::Containerd(_) => panic!("this test needs the scripted upstream"),
+        }
+    }
+}
+
+/// The daemon in front of real containerd 1.6 (registry and moto beside
+/// it), metrics on a Unix socket.
+async fn start_on_containerd() -> Bench {
+    let stack = Stack::on(ContainerdVersion::One, &[ECR_HOST]);
+    stack.registry.push_image("app", &["v1"]);
+    let metrics = stack.dir.path().join("m.sock");
+    let proxy = stack.proxy_with_env_args(
+        "p",
+        &format!("metrics_listen = \"unix:{}\"", metrics.display()),
+        stack.moto.env(),
+        vec!["--log-level", "info"],
+    );
+    Bench {
+        _dir: None,
+        upstream: Upstream::Containerd(Box::new(stack)),
+        proxy,
+        metrics,
+    }
 }
 
 async fn start() -> Bench {
@@ -194,8 +242,8 @@ async fn start() -> Bench {
         },
     );
     Bench {
-        _dir: dir,
-        _upstream: upstream,
+        _dir: Some(dir),
+        upstream: Upstream::Scripted(upstream),
         proxy,
         metrics,
     }
@@ -223,14 +271,27 @@ impl Bench {
         raw::image_fs_info(channel.clone())
             .await
             .expect("a first call");
+        if let Upstream::Containerd(_) = &self.upstream {
+            // Idle means warmed up: the AWS SDK loaded and the token cached.
+            support::stack::pull(channel.clone(), &ecr_image(), None)
+                .await
+                .expect("a first pull from private ECR");
+        }
         assert_eq!(self.upstream_up(), "ecr_pull_proxy_upstream_up 1");
         let (idle_rss, _) = self.proxy.rss_kib();
 
         let stop = Arc::new(AtomicBool::new(false));
+        // On real containerd the other client also pulls the private ECR
+        // image (removed first, so that containerd downloads it again)
+        // every tenth call.
+        let direct = match &self.upstream {
+            Upstream::Containerd(s) => Some(s.direct()),
+            Upstream::Scripted(_) => None,
+        };
         let other = {
             let stop = stop.clone();
             tokio::spawn(async move {
-                let (mut calls, mut slowest) = (0u32, Duration::ZERO);
+                let (mut calls, mut slowest, mut pulls) = (0u32, Duration::ZERO, 0u32);
                 // At least a few calls, even when the attack is over in
                 // a millisecond.
                 while !stop.load(Ordering::SeqCst) || calls < 3 {
@@ -239,10 +300,19 @@ impl Bench {
                         .await
                         .expect("the other client's call");
                     slowest = slowest.max(started.elapsed());
+                    if let Some(direct) = direct.as_ref().filter(|_| calls % 10 == 0) {
+                        support::stack::remove(direct.clone(), &ecr_image()).await;
+                        let started = Instant::now();
+                        support::stack::pull(channel.clone(), &ecr_image(), None)
+                            .await
+                            .expect("the other client's pull from private ECR");
+                        slowest = slowest.max(started.elapsed());
+                        pulls += 1;
+                    }
                     calls += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                (calls, slowest)
+                (calls, slowest, pulls)
             })
         };
         let socket = self.proxy.socket.clone();
@@ -275,13 +345,31 @@ impl Bench {
         .unwrap();
         let took = started.elapsed();
         stop.store(true, Ordering::SeqCst);
-        let (calls, slowest) = other.await.unwrap();
+        let (calls, slowest, pulls) = other.await.unwrap();
         sampler.join().unwrap();
         let (_, hwm) = self.proxy.rss_kib();
+        let upstream = match &self.upstream {
+            Upstream::Scripted(_) => "scripted upstream",
+            Upstream::Containerd(_) => "containerd 1.6",
+        };
         println!(
-            "{name}: {frames} frames in {took:.1?}; GOAWAY {code:?}; daemon RSS idle {idle_rss} KiB, peak {} KiB (VmHWM {hwm} KiB); other client: {calls} calls, slowest {slowest:.1?}",
+            "{name} ({upstream}): {frames} frames in {took:.1?}; GOAWAY {code:?}; daemon RSS idle {idle_rss} KiB, peak {} KiB (VmHWM {hwm} KiB); other client: {calls} calls ({pulls} ECR pulls), slowest {slowest:.1?}",
             peak.load(Ordering::SeqCst)
         );
+        if let Upstream::Containerd(s) = &self.upstream {
+            assert!(pulls > 0, "{name}: the other client pulled nothing");
+            // Each pull was the image from private ECR, with the token.
+            assert_eq!(
+                s.registry.manifest_requests("app").last(),
+                Some(&200),
+                "{name}: the registry did not serve the last pull"
+            );
+            let logs = self.proxy.logs();
+            assert!(
+                logs.matches("credentials=\"injected\"").count() >= pulls as usize,
+                "{name}: {logs}"
+            );
+        }
         assert!(hwm < RSS_LIMIT_KIB, "{name}: the daemon grew to {hwm} KiB");
         assert!(calls > 0, "{name}: the other client made no call");
         assert!(
@@ -302,9 +390,30 @@ impl Bench {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_ping_flood_without_reading_is_held_back_not_buffered() {
-    let b = start().await;
+/// Two tests of one attack (`$attack`, given the bench): against the
+/// scripted upstream, and against real containerd 1.6, where the other
+/// client also pulls from private ECR and the daemon's upstream connection
+/// must ride the attack out.
+macro_rules! both_upstreams {
+    ($scripted:ident, $containerd:ident, $attack:ident) => {
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $scripted() {
+            $attack(start().await).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $containerd() {
+            $attack(start_on_containerd().await).await;
+        }
+    };
+}
+
+both_upstreams!(
+    a_ping_flood_without_reading_is_held_back_not_buffered,
+    a_ping_flood_without_reading_is_held_back_not_buffered_on_containerd_1_6,
+    a_ping_flood_without_reading_is_held_back_not_buffered_against
+);
+async fn a_ping_flood_without_reading_is_held_back_not_buffered_against(b: Bench) {
     // h2 answers one PING at a time and reads no more while the answer
     // waits: the flood stops at the socket buffer (backpressure). HTTP/2
     // has no error for it; the connection is simply not read.
@@ -314,9 +423,12 @@ async fn a_ping_flood_without_reading_is_held_back_not_buffered() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tiny_data_frames_on_an_open_call_stay_bounded() {
-    let b = start().await;
+both_upstreams!(
+    tiny_data_frames_on_an_open_call_stay_bounded,
+    tiny_data_frames_on_an_open_call_stay_bounded_on_containerd_1_6,
+    tiny_data_frames_on_an_open_call_stay_bounded_against
+);
+async fn tiny_data_frames_on_an_open_call_stay_bounded_against(b: Bench) {
     // Legal, if silly: the call's body streams on to the upstream as it
     // comes, under flow control, and nothing piles up in the daemon (`run`
     // checks memory and the other client). HTTP/2 prescribes no error.
@@ -334,9 +446,12 @@ async fn tiny_data_frames_on_an_open_call_stay_bounded() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn data_on_an_idle_stream_is_a_protocol_error() {
-    let b = start().await;
+both_upstreams!(
+    data_on_an_idle_stream_is_a_protocol_error,
+    data_on_an_idle_stream_is_a_protocol_error_on_containerd_1_6,
+    data_on_an_idle_stream_is_a_protocol_error_against
+);
+async fn data_on_an_idle_stream_is_a_protocol_error_against(b: Bench) {
     let code = b
         .run("DATA on idle streams", |s| {
             flood(s, |n| Some(frame(DATA, 0, 2 * n as u32 + 1, &[0; 64])))
@@ -345,9 +460,12 @@ async fn data_on_an_idle_stream_is_a_protocol_error() {
     assert_eq!(code, Some(PROTOCOL_ERROR));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_settings_flood_without_reading_is_held_back() {
-    let b = start().await;
+both_upstreams!(
+    a_settings_flood_without_reading_is_held_back,
+    a_settings_flood_without_reading_is_held_back_on_containerd_1_6,
+    a_settings_flood_without_reading_is_held_back_against
+);
+async fn a_settings_flood_without_reading_is_held_back_against(b: Bench) {
     b.run("SETTINGS flood", |s| {
         // SETTINGS_INITIAL_WINDOW_SIZE, again and again.
         flood(s, |n| {
@@ -359,9 +477,12 @@ async fn a_settings_flood_without_reading_is_held_back() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_continuation_flood_closes_the_connection() {
-    let b = start().await;
+both_upstreams!(
+    a_continuation_flood_closes_the_connection,
+    a_continuation_flood_closes_the_connection_on_containerd_1_6,
+    a_continuation_flood_closes_the_connection_against
+);
+async fn a_continuation_flood_closes_the_connection_against(b: Bench) {
     let code = b
         .run("CONTINUATION flood", |s| {
             let block = request_headers("ImageFsInfo");
@@ -377,9 +498,12 @@ async fn a_continuation_flood_closes_the_connection() {
     assert_eq!(code, Some(ENHANCE_YOUR_CALM));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_frame_announcing_sixteen_mib_is_a_frame_size_error() {
-    let b = start().await;
+both_upstreams!(
+    a_frame_announcing_sixteen_mib_is_a_frame_size_error,
+    a_frame_announcing_sixteen_mib_is_a_frame_size_error_on_containerd_1_6,
+    a_frame_announcing_sixteen_mib_is_a_frame_size_error_against
+);
+async fn a_frame_announcing_sixteen_mib_is_a_frame_size_error_against(b: Bench) {
     let code = b
         .run("16 MiB frame header", |s| {
             let mut header = frame(HEADERS, END_HEADERS, 1, &[]);
@@ -393,9 +517,12 @@ async fn a_frame_announcing_sixteen_mib_is_a_frame_size_error() {
     assert_eq!(code, Some(FRAME_SIZE_ERROR));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rapid_reset_is_bounded() {
-    let b = start().await;
+both_upstreams!(
+    rapid_reset_is_bounded,
+    rapid_reset_is_bounded_on_containerd_1_6,
+    rapid_reset_is_bounded_against
+);
+async fn rapid_reset_is_bounded_against(b: Bench) {
     let code = b
         .run("rapid reset", |s| {
             let block = request_headers("ImageFsInfo");
@@ -419,9 +546,12 @@ async fn rapid_reset_is_bounded() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn ten_thousand_streams_at_once_are_refused_past_the_limit() {
-    let b = start().await;
+both_upstreams!(
+    ten_thousand_streams_at_once_are_refused_past_the_limit,
+    ten_thousand_streams_at_once_are_refused_past_the_limit_on_containerd_1_6,
+    ten_thousand_streams_at_once_are_refused_past_the_limit_against
+);
+async fn ten_thousand_streams_at_once_are_refused_past_the_limit_against(b: Bench) {
     let code = b
         .run("10,000 streams", |s| {
             let block = request_headers("ImageFsInfo");
@@ -484,7 +614,7 @@ async fn a_socket_path_as_authority_is_served_and_reaches_the_upstream_as_localh
     .unwrap();
     assert_eq!(first, (vec![HEADERS, DATA, HEADERS], None));
     assert_eq!(second, (vec![HEADERS, DATA, HEADERS], None));
-    let calls = b._upstream.calls();
+    let calls = b.scripted().calls();
     assert_eq!(calls.len(), 2);
     for c in calls {
         assert_eq!(c.authority.as_deref(), Some("localhost"));
@@ -498,7 +628,8 @@ use ecr_pull_proxy::budget::{
     MAX_PULL_MESSAGE_SIZE, PULL_BUFFER_PER_CONNECTION, PULL_MESSAGE_TIMEOUT,
 };
 use ecr_pull_proxy::transport::server::{
-    MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS, MAX_REQUEST_HEADER_LIST_SIZE,
+    MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS, MAX_PENDING_ACCEPT_RESET_STREAMS,
+    MAX_REQUEST_HEADER_LIST_SIZE,
 };
 
 /// Growth of the daemon's peak memory (VmHWM minus its RSS before the
@@ -688,7 +819,7 @@ async fn pull_message_floods_are_bounded_and_other_callers_are_answered() {
     assert!(codes.get("8").copied().unwrap_or(0) > 0, "{codes:?}");
     assert!(codes.get("4").copied().unwrap_or(0) > 0, "{codes:?}");
     assert!(
-        b._upstream
+        b.scripted()
             .calls()
             .iter()
             .all(|c| c.path.ends_with("ImageFsInfo") || c.body.len() < 1024),
@@ -746,7 +877,7 @@ async fn callers_that_never_read_large_answers_stall_only_themselves() {
     support::eventually(
         Duration::from_secs(60),
         "the stalled answers reach the upstream",
-        || b._upstream.calls().len() > (MAX_CONNECTIONS - 1) * MAX_CONCURRENT_STREAMS as usize / 2,
+        || b.scripted().calls().len() > (MAX_CONNECTIONS - 1) * MAX_CONCURRENT_STREAMS as usize / 2,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -760,7 +891,7 @@ async fn callers_that_never_read_large_answers_stall_only_themselves() {
         "stalled readers: {} streams asking 8 MiB each on {} connections, upstream saw {}; daemon RSS idle {idle} KiB, VmHWM {hwm} KiB (+{} KiB); other client: {calls} calls, slowest {slowest:.1?}",
         (MAX_CONNECTIONS - 1) * MAX_CONCURRENT_STREAMS as usize,
         MAX_CONNECTIONS - 1,
-        b._upstream.calls().len(),
+        b.scripted().calls().len(),
         hwm - idle
     );
     assert_within_budget(idle, hwm, slowest);
@@ -854,11 +985,11 @@ async fn exactly_max_concurrent_streams_calls_reach_the_upstream() {
     support::eventually(
         Duration::from_secs(10),
         "the calls reach the upstream",
-        || b._upstream.calls().len() == MAX_CONCURRENT_STREAMS as usize,
+        || b.scripted().calls().len() == MAX_CONCURRENT_STREAMS as usize,
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(b._upstream.calls().len(), MAX_CONCURRENT_STREAMS as usize);
+    assert_eq!(b.scripted().calls().len(), MAX_CONCURRENT_STREAMS as usize);
 }
 
 /// A header block as HEADERS and CONTINUATION frames of at most 16 KiB.
@@ -933,5 +1064,84 @@ async fn header_blocks_past_the_limit_are_refused() {
     .unwrap();
     assert_eq!(under, (vec![HEADERS, DATA, HEADERS], None));
     assert_ne!(over.0.first(), Some(&DATA), "{over:?}");
-    assert_eq!(b._upstream.calls().len(), 1, "only the one under the limit");
+    assert_eq!(
+        b.scripted().calls().len(),
+        1,
+        "only the one under the limit"
+    );
+}
+
+/// `resets` streams opened and reset in one write (so that all of them
+/// are reset before the daemon accepts any), then a valid `ImageFsInfo`
+/// on the same connection: `Ok(())` when that call is answered, or the
+/// GOAWAY code the connection was closed with.
+fn resets_then_a_call(socket: &Path, resets: usize) -> Result<(), Option<u32>> {
+    let mut s = connect(socket);
+    let block = request_headers("ImageFsInfo");
+    let mut burst = Vec::new();
+    for n in 0..resets {
+        let id = 2 * n as u32 + 1;
+        burst.extend(frame(HEADERS, END_HEADERS, id, &block));
+        burst.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    let call = 2 * resets as u32 + 1;
+    burst.extend(frame(HEADERS, END_HEADERS, call, &block));
+    burst.extend(frame(DATA, END_STREAM, call, &[0; 5]));
+    s.write_all(&burst).unwrap();
+    let (mut answered, mut goaway) = (false, None);
+    read_frames(&mut s, |kind, flags, id, p| {
+        if kind == GOAWAY && p.len() >= 8 {
+            goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+            return false;
+        }
+        if id == call && kind == HEADERS && flags & END_STREAM != 0 {
+            answered = true;
+            return false;
+        }
+        true
+    });
+    if answered {
+        Ok(())
+    } else {
+        Err(goaway)
+    }
+}
+
+/// Rapid reset at h2's limit, `MAX_PENDING_ACCEPT_RESET_STREAMS`: that
+/// many streams reset before the daemon accepts them are taken, and the
+/// connection then serves a call; one more closes the connection with
+/// `ENHANCE_YOUR_CALM`. Five times each, as the limit must hold every
+/// time.
+#[tokio::test(flavor = "multi_thread")]
+async fn rapid_reset_just_under_the_limit_is_served_and_one_more_is_refused() {
+    let b = start().await;
+    let socket = b.proxy.socket.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        (0..5)
+            .map(|_| {
+                (
+                    resets_then_a_call(&socket, MAX_PENDING_ACCEPT_RESET_STREAMS),
+                    resets_then_a_call(&socket, MAX_PENDING_ACCEPT_RESET_STREAMS + 1),
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for (at_limit, past_it) in results {
+        assert_eq!(
+            at_limit,
+            Ok(()),
+            "{MAX_PENDING_ACCEPT_RESET_STREAMS} resets"
+        );
+        assert_eq!(
+            past_it,
+            Err(Some(ENHANCE_YOUR_CALM)),
+            "{} resets",
+            MAX_PENDING_ACCEPT_RESET_STREAMS + 1
+        );
+    }
+    raw::image_fs_info(b.proxy.channel())
+        .await
+        .expect("other connections are served");
 }
