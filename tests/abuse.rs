@@ -1145,3 +1145,138 @@ async fn rapid_reset_just_under_the_limit_is_served_and_one_more_is_refused() {
         .await
         .expect("other connections are served");
 }
+
+/// Image names the node of the next test holds: the longest a reference
+/// may be (an ECR host and a 210-character repository make the 255
+/// characters a name may have, plus a 128-character tag), each in a
+/// repository of its own, 20 to an image. containerd takes about 250 a
+/// second (a synced write each).
+const NODE_IMAGE_NAMES: usize = 7_000;
+
+/// Real containerd 1.6 holding `NODE_IMAGE_NAMES` image names, so that its
+/// `ListImages` answer is more than 2 MiB: callers that ask for it and never
+/// read (8 streams on each of 8 connections; containerd marshals each
+/// answer whole and holds it until it is sent, so more would be
+/// containerd's memory, not the daemon's, that the test measures) stall
+/// only themselves. The daemon's memory growth stays under
+/// the budget, and another client's `ImageFsInfo` calls and pulls from
+/// private ECR answer within a second, through the same daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_that_never_read_containerds_multi_mib_list_stall_only_themselves() {
+    use ecr_pull_proxy::cri;
+    use prost::Message;
+    let mut b = start_on_containerd().await;
+    let Upstream::Containerd(stack) = &mut b.upstream else {
+        unreachable!()
+    };
+    let repo = "r".repeat(255 - ECR_HOST.len() - 1 - 5);
+    let names: Vec<String> = (0..NODE_IMAGE_NAMES)
+        .map(|i| format!("{ECR_HOST}/{repo}{i:05}:{}", "t".repeat(128)))
+        .collect();
+    let imported = Instant::now();
+    stack.containerd.import_names(&names, 20);
+    stack.containerd.restart();
+    println!(
+        "containerd restarted {:.1?} after the import began",
+        imported.elapsed()
+    );
+    let stack = &*stack;
+    // What containerd answers, read in full, once it lists them all.
+    let (size, listed) = loop {
+        let list = support::stack::client(stack.direct())
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let listed: usize = list.images.iter().map(|i| i.repo_tags.len()).sum();
+        if listed >= NODE_IMAGE_NAMES {
+            break (list.encoded_len(), listed);
+        }
+        assert!(
+            imported.elapsed() < Duration::from_secs(300),
+            "containerd lists {listed} of the {NODE_IMAGE_NAMES} names"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!(
+        "containerd took the {NODE_IMAGE_NAMES} names in {:.1?}",
+        imported.elapsed()
+    );
+    assert!(size > 2 * 1024 * 1024, "ListImages is only {size} bytes");
+
+    support::stack::pull(b.proxy.channel(), &ecr_image(), None)
+        .await
+        .expect("a first pull from private ECR");
+    let (idle, _) = b.proxy.rss_kib();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut send = h2_connect(&b.proxy.socket).await;
+        for _ in 0..8 {
+            send = send.ready().await.unwrap();
+            let (resp, mut tx) = send
+                .send_request(grpc_request("ListImages", None), false)
+                .unwrap();
+            tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+                .unwrap();
+            // The answer's head is awaited; its body never read.
+            held.push(tokio::spawn(async move {
+                let r = resp.await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(r);
+            }));
+        }
+        held.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(send);
+        }));
+    }
+    // Let every stalled answer fill what it can.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (calls, slowest, pulls) = other_client_on_containerd(&b, Duration::from_secs(3)).await;
+    let (_, hwm) = b.proxy.rss_kib();
+    println!(
+        "stalled readers of containerd's {size}-byte ListImages ({listed} names): 64 streams on 8 connections; daemon RSS idle {idle} KiB, VmHWM {hwm} KiB (+{} KiB); other client: {calls} calls ({pulls} ECR pulls), slowest {slowest:.1?}",
+        hwm - idle
+    );
+    assert!(pulls > 0);
+    assert_within_budget(idle, hwm, slowest);
+    for h in held {
+        h.abort();
+    }
+}
+
+/// The other client against real containerd for `time`: `ImageFsInfo`
+/// every 20 ms, and a pull of the private ECR image (removed first, so
+/// that it downloads) every tenth call: (calls, slowest, pulls).
+async fn other_client_on_containerd(b: &Bench, time: Duration) -> (u32, Duration, u32) {
+    let Upstream::Containerd(stack) = &b.upstream else {
+        unreachable!()
+    };
+    let (channel, direct) = (b.proxy.channel(), stack.direct());
+    let (mut calls, mut slowest, mut pulls) = (0u32, Duration::ZERO, 0u32);
+    let started = Instant::now();
+    while started.elapsed() < time {
+        let at = Instant::now();
+        tokio::time::timeout(Duration::from_secs(30), raw::image_fs_info(channel.clone()))
+            .await
+            .expect("ImageFsInfo answered")
+            .expect("ImageFsInfo OK");
+        slowest = slowest.max(at.elapsed());
+        if calls % 10 == 0 {
+            support::stack::remove(direct.clone(), &ecr_image()).await;
+            let at = Instant::now();
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                support::stack::pull(channel.clone(), &ecr_image(), None),
+            )
+            .await
+            .expect("the pull answered")
+            .expect("the pull from private ECR");
+            slowest = slowest.max(at.elapsed());
+            pulls += 1;
+        }
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (calls, slowest, pulls)
+}
