@@ -2,7 +2,8 @@
 //! alike: real containerd called direct, through `socat` relaying the same
 //! socket byte for byte (the floor for any relay), and through the proxy;
 //! then a fast scripted upstream for large answers, many concurrent callers
-//! and PullImage interception; then memory and start-up time.
+//! and PullImage interception; then memory and start-up time, and the
+//! daemon's memory under the two floods a hostile local client can make.
 //! Run with `.ci/bench` (release build). Prints Markdown tables.
 
 #[path = "../tests/support/mod.rs"]
@@ -710,4 +711,88 @@ async fn scripted(dir: &Path, moto: &Moto) {
         "| start to socket accepting, p50 of 10 | {:.1} ms |",
         start_p50.as_secs_f64() * 1e3
     );
+    floods(dir, &upstream).await;
+}
+
+/// The daemon's memory under the two floods (tests/abuse.rs asserts the
+/// bounds; this prints the figures): a fresh daemon for each, so that its
+/// high-water mark is that flood's. Every connection the limits allow but
+/// one, each with every stream it may open.
+async fn floods(dir: &Path, upstream: &ScriptedUpstream) {
+    use ecr_pull_proxy::budget::{MAX_PULL_MESSAGE_SIZE, PULL_MESSAGE_TIMEOUT};
+    use ecr_pull_proxy::transport::server::{MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS};
+    let (connections, streams) = (MAX_CONNECTIONS - 1, MAX_CONCURRENT_STREAMS as usize);
+    println!("\n## Memory under floods ({connections} connections × {streams} streams)\n");
+    println!("| flood | RSS idle before | peak (VmHWM) | growth | RSS after, callers gone | other caller's ImageFsInfo p50 / max during |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for flood in ["PullImage messages", "stalled readers of 8 MiB ListImages"] {
+        let fdir = dir.join(format!("flood{}", flood.len()));
+        std::fs::create_dir_all(&fdir).unwrap();
+        let proxy = ProxyProcess::start(
+            &fdir,
+            &upstream.socket,
+            ProxyOptions {
+                args: vec!["--log-level", "error"],
+                ..Default::default()
+            },
+        );
+        let ch = proxy.channel();
+        raw::image_fs_info(ch.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (idle, _) = proxy.rss_kib();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = {
+            let (ch, stop) = (ch.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut times = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) || times.len() < 5 {
+                    let started = Instant::now();
+                    raw::image_fs_info(ch.clone()).await.unwrap();
+                    times.push(started.elapsed());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                times
+            })
+        };
+        let held = if flood.starts_with("PullImage") {
+            support::flood::pull_message_flood(
+                &proxy.socket,
+                connections,
+                streams,
+                MAX_PULL_MESSAGE_SIZE,
+                PULL_MESSAGE_TIMEOUT * 3,
+            )
+            .await;
+            Vec::new()
+        } else {
+            let held = support::flood::stalled_readers(
+                &proxy.socket,
+                connections,
+                streams,
+                "ListImages",
+                Some("big:8388608"),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            held
+        };
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut times = other.await.unwrap();
+        let (_, hwm) = proxy.rss_kib();
+        for h in held {
+            h.abort();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (after, _) = proxy.rss_kib();
+        let max = *times.iter().max().unwrap();
+        println!(
+            "| {flood} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {} / {} |",
+            idle as f64 / 1024.0,
+            hwm as f64 / 1024.0,
+            (hwm - idle) as f64 / 1024.0,
+            after as f64 / 1024.0,
+            us(pct(&mut times, 0.5)),
+            us(max)
+        );
+    }
 }

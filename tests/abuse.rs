@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::flood::{self, grpc_code, grpc_request, h2_connect};
 use support::raw;
 use support::real::ContainerdVersion;
 use support::scripted::ScriptedUpstream;
@@ -652,76 +653,6 @@ fn assert_within_budget(idle_kib: u64, hwm_kib: u64, slowest: Duration) {
     );
 }
 
-/// An HTTP/2 client connection from h2 itself: it honours flow control,
-/// so a flood through it goes as fast as the daemon lets it, no faster.
-async fn h2_connect(socket: &Path) -> h2::client::SendRequest<Bytes> {
-    let io = tokio::net::UnixStream::connect(socket).await.unwrap();
-    let (send, conn) = h2::client::handshake(io).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    send.ready().await.unwrap()
-}
-
-fn grpc_request(method: &str, script: Option<&str>) -> http::Request<()> {
-    let mut b = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://localhost/runtime.v1.ImageService/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
-    if let Some(s) = script {
-        b = b.header("x-script", s);
-    }
-    b.body(()).unwrap()
-}
-
-/// Writes a gRPC header announcing `announced` bytes, then `send` bytes of
-/// message as flow control allows, ending the stream if `end`.
-async fn feed(mut tx: h2::SendStream<Bytes>, announced: u32, send: usize, end: bool) {
-    let mut head = vec![0u8];
-    head.extend_from_slice(&announced.to_be_bytes());
-    if tx.send_data(Bytes::from(head), false).is_err() {
-        return;
-    }
-    let chunk = Bytes::from(vec![b'm'; 16 * 1024]);
-    let mut left = send;
-    while left > 0 {
-        tx.reserve_capacity(chunk.len().min(left));
-        match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
-            Some(Ok(n)) if n > 0 => {
-                let n = n.min(left);
-                if tx.send_data(chunk.slice(..n), false).is_err() {
-                    return;
-                }
-                left -= n;
-            }
-            Some(Ok(_)) => continue,
-            _ => return,
-        }
-    }
-    if end {
-        let _ = tx.send_data(Bytes::new(), true);
-    } else {
-        // Never finished: held open until the daemon answers.
-        let _ = std::future::poll_fn(|cx| tx.poll_reset(cx)).await;
-    }
-}
-
-/// The gRPC status code of an answer (trailers-only or with trailers).
-async fn grpc_code(resp: h2::client::ResponseFuture) -> Option<String> {
-    let resp = resp.await.ok()?;
-    if let Some(s) = resp.headers().get("grpc-status") {
-        return Some(s.to_str().unwrap().to_owned());
-    }
-    let mut body = resp.into_body();
-    while let Some(d) = body.data().await {
-        let d = d.ok()?;
-        let _ = body.flow_control().release_capacity(d.len());
-    }
-    let t = body.trailers().await.ok()??;
-    Some(t.get("grpc-status")?.to_str().unwrap().to_owned())
-}
-
 /// Another client (its own connection) calling `ImageFsInfo` and
 /// `PullImage` every 20 ms until `stop`: (calls, slowest).
 fn other_client(
@@ -778,32 +709,14 @@ async fn pull_message_floods_are_bounded_and_other_callers_are_answered() {
     let stop = Arc::new(AtomicBool::new(false));
     let other = other_client(&b.proxy, stop.clone());
 
-    let mut streams = Vec::new();
-    for c in 0..MAX_CONNECTIONS - 1 {
-        let mut send = h2_connect(&b.proxy.socket).await;
-        for s in 0..MAX_CONCURRENT_STREAMS as usize {
-            send = send.ready().await.unwrap();
-            let (resp, tx) = send
-                .send_request(grpc_request("PullImage", None), false)
-                .unwrap();
-            let (announced, size, end) = match (c + s) % 3 {
-                0 => (16 * 1024 * 1024, 1024 * 1024, false),
-                1 => (MAX_PULL_MESSAGE_SIZE as u32, MAX_PULL_MESSAGE_SIZE, false),
-                _ => (1024, MAX_PULL_MESSAGE_SIZE + 1024 * 1024, true),
-            };
-            tokio::spawn(feed(tx, announced, size, end));
-            streams.push(tokio::spawn(grpc_code(resp)));
-        }
-    }
-    let mut codes = std::collections::BTreeMap::<String, usize>::new();
-    for s in streams {
-        let code = tokio::time::timeout(PULL_MESSAGE_TIMEOUT * 3, s)
-            .await
-            .expect("every flooding stream is answered")
-            .unwrap()
-            .unwrap_or_else(|| "none".into());
-        *codes.entry(code).or_default() += 1;
-    }
+    let codes = flood::pull_message_flood(
+        &b.proxy.socket,
+        MAX_CONNECTIONS - 1,
+        MAX_CONCURRENT_STREAMS as usize,
+        MAX_PULL_MESSAGE_SIZE,
+        PULL_MESSAGE_TIMEOUT * 3,
+    )
+    .await;
     stop.store(true, Ordering::SeqCst);
     let (calls, slowest) = other.await.unwrap();
     let (_, hwm) = b.proxy.rss_kib();
@@ -851,28 +764,14 @@ async fn callers_that_never_read_large_answers_stall_only_themselves() {
     let b = start().await;
     raw::image_fs_info(b.proxy.channel()).await.unwrap();
     let (idle, _) = b.proxy.rss_kib();
-    let mut held = Vec::new();
-    for _ in 0..MAX_CONNECTIONS - 1 {
-        let mut send = h2_connect(&b.proxy.socket).await;
-        for _ in 0..MAX_CONCURRENT_STREAMS {
-            send = send.ready().await.unwrap();
-            let (resp, mut tx) = send
-                .send_request(grpc_request("ListImages", Some("big:8388608")), false)
-                .unwrap();
-            tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
-                .unwrap();
-            // The answer's head is awaited; its body never read.
-            held.push(tokio::spawn(async move {
-                let r = resp.await;
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                drop(r);
-            }));
-        }
-        held.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(send);
-        }));
-    }
+    let held = flood::stalled_readers(
+        &b.proxy.socket,
+        MAX_CONNECTIONS - 1,
+        MAX_CONCURRENT_STREAMS as usize,
+        "ListImages",
+        Some("big:8388608"),
+    )
+    .await;
     // Let every stalled answer fill what it can.
     support::eventually(
         Duration::from_secs(60),
@@ -1208,28 +1107,7 @@ async fn callers_that_never_read_containerds_multi_mib_list_stall_only_themselve
         .await
         .expect("a first pull from private ECR");
     let (idle, _) = b.proxy.rss_kib();
-    let mut held = Vec::new();
-    for _ in 0..8 {
-        let mut send = h2_connect(&b.proxy.socket).await;
-        for _ in 0..8 {
-            send = send.ready().await.unwrap();
-            let (resp, mut tx) = send
-                .send_request(grpc_request("ListImages", None), false)
-                .unwrap();
-            tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
-                .unwrap();
-            // The answer's head is awaited; its body never read.
-            held.push(tokio::spawn(async move {
-                let r = resp.await;
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                drop(r);
-            }));
-        }
-        held.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(send);
-        }));
-    }
+    let held = flood::stalled_readers(&b.proxy.socket, 8, 8, "ListImages", None).await;
     // Let every stalled answer fill what it can.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (calls, slowest, pulls) = other_client_on_containerd(&b, Duration::from_secs(3)).await;

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake_ecr;
+pub mod flood;
 pub mod go;
 pub mod pod;
 pub mod raw;
