@@ -140,24 +140,19 @@ async fn json_trace_logs_check_output_metrics_and_statuses_carry_no_secret() {
     let s = Stack::with_password(&[mirror, ECR_HOST, "public.ecr.aws"], role_password);
     s.registry.push_image("team/app", &["v1"]);
     let public = FakeEcr::start(role_password);
+    let metrics = s.dir.path().join("m.sock");
     let config = format!(
         "ecr_public = true\n\
          token_wait = \"0s\"\n\
          existing_credentials = \"fallback\"\n\
-         metrics_listen = \"127.0.0.1:{port}\"\n\
+         metrics_listen = \"unix:{}\"\n\
          [[registries]]\n\
          patterns = [\"{mirror}/team\"]\n\
          registry = \"210987654321.dkr.ecr.eu-west-1.amazonaws.com\"\n\
          role_arn = \"arn:aws:iam::210987654321:role/pull\"\n\
          external_id = \"{EXTERNAL_ID}\"\n",
-        port = support::real::free_port(),
+        metrics.display(),
     );
-    let metrics = config
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics_listen = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_owned();
     let mut env = s.moto.env();
     env.push(("AWS_ENDPOINT_URL_ECR_PUBLIC", public.endpoint.clone()));
     let proxy = s.proxy_with_env_args("p", &config, env.clone(), vec!["--log-format", "json"]);
@@ -212,9 +207,11 @@ async fn json_trace_logs_check_output_metrics_and_statuses_carry_no_secret() {
     }
 
     // /metrics after all those failures.
-    let (status, _, body) = support::real::http(&metrics, "GET", "/metrics", &[], b"");
-    assert_eq!(status, 200);
-    let body = String::from_utf8(body).unwrap();
+    let body = support::get_unix(&metrics, "/metrics");
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
     assert!(body.contains("result=\"error\""), "{body}");
     secrets::assert_none_in("/metrics", &body);
 
