@@ -1158,3 +1158,36 @@ async fn other_client_on_containerd(b: &Bench, time: Duration) -> (u32, Duration
     }
     (calls, slowest, pulls)
 }
+
+/// The `PullImage` message flood of
+/// `pull_message_floods_are_bounded_and_other_callers_are_answered`, with
+/// real containerd 1.6 behind the daemon: meanwhile another client's
+/// `ImageFsInfo` calls, and its pulls of an image in private ECR (removed
+/// first, so that each downloads with the injected token), answer within a
+/// second, and the daemon's growth stays under the budget.
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_message_floods_leave_real_ecr_pulls_answering_within_a_second() {
+    let b = start_on_containerd().await;
+    support::stack::pull(b.proxy.channel(), &ecr_image(), None)
+        .await
+        .expect("a first pull from private ECR");
+    let (idle, _) = b.proxy.rss_kib();
+    let (codes, (calls, slowest, pulls)) = tokio::join!(
+        flood::pull_message_flood(
+            &b.proxy.socket,
+            MAX_CONNECTIONS - 1,
+            MAX_CONCURRENT_STREAMS as usize,
+            MAX_PULL_MESSAGE_SIZE,
+            PULL_MESSAGE_TIMEOUT * 3,
+        ),
+        other_client_on_containerd(&b, PULL_MESSAGE_TIMEOUT),
+    );
+    let (_, hwm) = b.proxy.rss_kib();
+    println!(
+        "PullImage flood (containerd 1.6): codes {codes:?}; daemon RSS idle {idle} KiB, VmHWM {hwm} KiB (+{} KiB); other client: {calls} calls ({pulls} ECR pulls), slowest {slowest:.1?}",
+        hwm - idle
+    );
+    assert!(codes.keys().all(|c| c == "8" || c == "4"), "{codes:?}");
+    assert!(pulls >= 5, "only {pulls} pulls");
+    assert_within_budget(idle, hwm, slowest);
+}
