@@ -43,8 +43,11 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 /// How long an attack may go on at most.
 const ATTACK_TIME: Duration = Duration::from_secs(5);
-/// The daemon's peak resident memory during any attack stays under this.
-const RSS_LIMIT_KIB: u64 = 64 * 1024;
+/// How much the daemon's peak resident memory (VmHWM) may exceed its RSS
+/// before an attack of one connection: a growth, so that it means the
+/// same whatever the daemon held before (the AWS SDK, a cached token).
+/// The attacks below grow it by 5 MiB at most.
+const ATTACK_GROWTH_LIMIT_KIB: u64 = 32 * 1024;
 /// The other client's slowest call during an attack stays under this: a
 /// generous bound for a loaded 2-core machine; a stalled daemon misses it
 /// by far.
@@ -371,7 +374,10 @@ impl Bench {
                 "{name}: {logs}"
             );
         }
-        assert!(hwm < RSS_LIMIT_KIB, "{name}: the daemon grew to {hwm} KiB");
+        assert!(
+            hwm.saturating_sub(idle_rss) < ATTACK_GROWTH_LIMIT_KIB,
+            "{name}: the daemon grew from {idle_rss} KiB to {hwm} KiB"
+        );
         assert!(calls > 0, "{name}: the other client made no call");
         assert!(
             slowest < SLOWEST_OTHER_CALL,
