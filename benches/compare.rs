@@ -155,7 +155,8 @@ fn socat(dir: &Path, target: &Path) -> (std::process::Child, std::path::PathBuf)
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // `cargo bench` passes --bench; nothing else is expected. BENCH_ONLY
-    // (`containerd` or `scripted`) runs one part, for quick before/after runs.
+    // (`containerd` or `scripted`) runs one part, for quick before/after runs;
+    // BENCH_BASELINE_BIN adds another build of the proxy beside this one.
     let only = std::env::var("BENCH_ONLY").ok();
     if let Some(part) = only.as_deref() {
         assert!(
@@ -353,6 +354,102 @@ async fn real_containerd(dir: &Path, moto: &Moto) {
     println!(
         "| {socat_instr:.0} | {proxy_instr:.0} | {:.2} |",
         proxy_instr / socat_instr
+    );
+    if let Ok(baseline) = std::env::var("BENCH_BASELINE_BIN") {
+        against_baseline(dir, &containerd.socket, &baseline, &status, few, many).await;
+    }
+}
+
+/// This build beside another one (`BENCH_BASELINE_BIN`: an ecr-pull-proxy
+/// binary, e.g. a release build of an older commit), on the same machine
+/// in the same run: what a change costs the ordinary calls. Both run with
+/// the same config (no sandbox keeper), started the same way.
+async fn against_baseline(
+    dir: &Path,
+    upstream: &Path,
+    baseline: &str,
+    status: &Bytes,
+    few: u64,
+    many: u64,
+) {
+    let config = dir.join("baseline.toml");
+    std::fs::write(&config, "sandbox_image = \"off\"\n").unwrap();
+    let args = |bin: &str, sock: &Path| {
+        [
+            bin,
+            "--listen",
+            sock.to_str().unwrap(),
+            "--upstream",
+            upstream.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--log-level",
+            "warn",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let this = env!("CARGO_BIN_EXE_ecr-pull-proxy");
+    let mut children = Vec::new();
+    let mut targets = Vec::new();
+    for (name, bin) in [("this build", this), ("baseline", baseline)] {
+        let sock = dir.join(format!("{}.sock", name.replace(' ', "-")));
+        let a = args(bin, &sock);
+        children.push(
+            Command::new(&a[0])
+                .args(&a[1..])
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        support::wait_until(Duration::from_secs(10), name, || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        targets.push((name, support::channel(&sock)));
+    }
+    println!("\nThis build against the baseline `{baseline}` (real containerd, {ROUNDS} interleaved rounds of {PER_ROUND} calls per path):\n");
+    println!("| call | this build p50 / p99 | baseline p50 / p99 | this ÷ baseline (p50) |");
+    println!("| --- | --- | --- | --- |");
+    for (name, path, msg) in [
+        (
+            "ImageStatus",
+            "/runtime.v1.ImageService/ImageStatus",
+            status.clone(),
+        ),
+        (
+            "ImageFsInfo",
+            "/runtime.v1.ImageService/ImageFsInfo",
+            Bytes::new(),
+        ),
+    ] {
+        let mut r = interleaved(&targets, path, &msg, None, ROUNDS, PER_ROUND).await;
+        let p50: Vec<Duration> = r.iter_mut().map(|v| pct(v, 0.5)).collect();
+        let p99: Vec<Duration> = r.iter_mut().map(|v| pct(v, 0.99)).collect();
+        println!(
+            "| {name} | {} / {} | {} / {} | {:.3} |",
+            us(p50[0]),
+            us(p99[0]),
+            us(p50[1]),
+            us(p99[1]),
+            p50[0].as_secs_f64() / p50[1].as_secs_f64()
+        );
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let this_instr = instructions_per_call(dir, "this-build", few, many, status, |sock| {
+        args(this, sock)
+    })
+    .await;
+    let base_instr = instructions_per_call(dir, "baseline", few, many, status, |sock| {
+        args(baseline, sock)
+    })
+    .await;
+    println!("\n| instructions per ImageStatus (callgrind) | this build | baseline | this ÷ baseline |\n| --- | --- | --- | --- |");
+    println!(
+        "| | {this_instr:.0} | {base_instr:.0} | {:.3} |",
+        this_instr / base_instr
     );
 }
 
