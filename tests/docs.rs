@@ -13,8 +13,9 @@ fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
 }
 
-/// The backticked first cells of the first table under `heading`.
-fn first_column(readme: &str, heading: &str) -> Vec<String> {
+/// The cells (trimmed) of each body row of the first table under
+/// `heading`.
+fn table_rows(readme: &str, heading: &str) -> Vec<Vec<String>> {
     let section = readme
         .split(heading)
         .nth(1)
@@ -24,14 +25,15 @@ fn first_column(readme: &str, heading: &str) -> Vec<String> {
         .skip_while(|l| !l.starts_with('|'))
         .take_while(|l| l.starts_with('|'))
         .skip(2)
-        .map(|l| {
-            l.split('|')
-                .nth(1)
-                .unwrap()
-                .trim()
-                .trim_matches('`')
-                .to_owned()
-        })
+        .map(|l| l.split('|').map(|c| c.trim().to_owned()).collect())
+        .collect()
+}
+
+/// The backticked first cells of the first table under `heading`.
+fn first_column(readme: &str, heading: &str) -> Vec<String> {
+    table_rows(readme, heading)
+        .into_iter()
+        .map(|cells| cells[1].trim_matches('`').to_owned())
         .collect()
 }
 
@@ -87,16 +89,9 @@ fn install_snippets_name_the_default_socket() {
 
 /// `(key, default cell)` of each row of the config keys table.
 fn default_cells(readme: &str) -> Vec<(String, String)> {
-    let section = readme.split("### Config file keys").nth(1).unwrap();
-    section
-        .lines()
-        .skip_while(|l| !l.starts_with('|'))
-        .take_while(|l| l.starts_with('|'))
-        .skip(2)
-        .map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            (cells[1].trim_matches('`').to_owned(), cells[2].to_owned())
-        })
+    table_rows(readme, "### Config file keys")
+        .into_iter()
+        .map(|cells| (cells[1].trim_matches('`').to_owned(), cells[2].clone()))
         .collect()
 }
 

@@ -226,10 +226,8 @@ impl Registry {
     /// so requests of a pull that just ended are counted.
     pub fn manifest_requests(&self, repo: &str) -> Vec<u16> {
         let needle = format!("/v2/{repo}/manifests/");
-        let read = || {
-            std::fs::read_to_string(&self.access_log)
-                .unwrap_or_default()
-                .lines()
+        self.read_quiet_log(|log| {
+            log.lines()
                 .filter(|l| l.contains(&needle))
                 .filter_map(|l| {
                     // `... "HEAD /v2/app/manifests/v1 HTTP/1.1" 401 146 ...`
@@ -237,7 +235,14 @@ impl Registry {
                     after.split(' ').next()?.parse().ok()
                 })
                 .collect::<Vec<u16>>()
-        };
+        })
+    }
+
+    /// `read` of the access log once it has been quiet for 300 ms (what
+    /// `read` makes of it twice in a row), so that the requests of a pull
+    /// that just ended are in it.
+    fn read_quiet_log<T: PartialEq>(&self, read: impl Fn(&str) -> T) -> T {
+        let read = || read(&std::fs::read_to_string(&self.access_log).unwrap_or_default());
         let mut last = read();
         loop {
             std::thread::sleep(Duration::from_millis(300));
@@ -251,26 +256,14 @@ impl Registry {
 
     /// How many blobs (layers and configs) the registry has served whole
     /// (`GET …/blobs/sha256:…` answered 200) so far: what containerd
-    /// really downloaded. Waits until the log has been quiet for 300 ms,
-    /// as [`Registry::manifest_requests`] does.
+    /// really downloaded, once the log has been quiet for 300 ms.
     pub fn blob_downloads(&self) -> usize {
-        let read = || {
-            std::fs::read_to_string(&self.access_log)
-                .unwrap_or_default()
-                .lines()
+        self.read_quiet_log(|log| {
+            log.lines()
                 .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
                 .filter(|l| l.split("\" ").nth(1).is_some_and(|a| a.starts_with("200 ")))
                 .count()
-        };
-        let mut last = read();
-        loop {
-            std::thread::sleep(Duration::from_millis(300));
-            let now = read();
-            if now == last {
-                return now;
-            }
-            last = now;
-        }
+        })
     }
 
     fn auth(&self) -> (&'static str, String) {
