@@ -254,12 +254,8 @@ async fn start() -> Bench {
 }
 
 impl Bench {
-    fn upstream_up(&self) -> String {
-        let out = support::get_unix(&self.metrics, "/metrics");
-        out.lines()
-            .find(|l| l.starts_with("ecr_pull_proxy_upstream_up "))
-            .unwrap_or_else(|| panic!("no upstream_up in\n{out}"))
-            .to_owned()
+    fn upstream_up(&self) -> f64 {
+        support::metrics::read(&self.metrics, "ecr_pull_proxy_upstream_up", &[])
     }
 
     /// Runs `attack` on its own connection while another client calls
@@ -281,7 +277,7 @@ impl Bench {
                 .await
                 .expect("a first pull from private ECR");
         }
-        assert_eq!(self.upstream_up(), "ecr_pull_proxy_upstream_up 1");
+        assert_eq!(self.upstream_up(), 1.0);
         let (idle_rss, _) = self.proxy.rss_kib();
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -385,7 +381,7 @@ impl Bench {
         );
         assert_eq!(
             self.upstream_up(),
-            "ecr_pull_proxy_upstream_up 1",
+            1.0,
             "{name}: a client's misdeeds moved upstream_up"
         );
         raw::image_fs_info(self.proxy.channel())
@@ -822,12 +818,9 @@ async fn connections_past_the_limit_wait_for_a_free_one() {
         assert_eq!(grpc_code(resp).await.as_deref(), Some("0"));
         open.push(send);
     }
-    let metrics = support::get_unix(&b.metrics, "/metrics");
-    assert!(
-        metrics.contains(&format!(
-            "ecr_pull_proxy_connections_open {MAX_CONNECTIONS}"
-        )),
-        "{metrics}"
+    assert_eq!(
+        support::metrics::read(&b.metrics, "ecr_pull_proxy_connections_open", &[]),
+        MAX_CONNECTIONS as f64
     );
     let socket = b.proxy.socket.clone();
     let waiting = tokio::spawn(async move {

@@ -311,6 +311,9 @@ async fn metrics_endpoint_on_a_unix_socket_is_private_and_answers() {
         "{}",
         get("/readyz")
     );
-    assert!(get("/metrics").contains("ecr_pull_proxy_build_info"));
+    assert_eq!(
+        support::metrics::value(&get("/metrics"), "ecr_pull_proxy_build_info", &[]),
+        Some(1.0)
+    );
     assert!(get("/nothing").starts_with("HTTP/1.0 404"));
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ecr_pull_proxy::cri;
 use support::fake_ecr::FakeEcr;
+use support::metrics::value as sample;
 use support::real::{ContainerdVersion, MOTO_PASSWORD};
 use support::stack::*;
 use tonic::Code;
@@ -442,8 +443,15 @@ external_id = "ext-id-pull-5c8e"
     // Both AWS calls are counted, each under its own API.
     let (_, text) = scrape(&metrics, "/metrics");
     for api in ["sts:AssumeRole", "ecr:GetAuthorizationToken"] {
-        let line = format!("ecr_pull_proxy_aws_calls_total{{api=\"{api}\",code=\"ok\"}}");
-        assert_eq!(sample(&text, &line), Some(1.0), "{text}");
+        assert_eq!(
+            sample(
+                &text,
+                "ecr_pull_proxy_aws_calls_total",
+                &[("api", api), ("code", "ok")]
+            ),
+            Some(1.0),
+            "{text}"
+        );
     }
     // The node's own identity (account 123456789012) does not open it.
     assert_refused(pull(proxy.channel(), &format!("{ECR_HOST}/team/app:v1"), None).await);
@@ -562,14 +570,6 @@ fn scrape(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// The value of the first sample line starting with `prefix`.
-fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_and_health_follow_pulls_and_containerd() {
     let mut s = Stack::start(&[ECR_HOST]);
@@ -584,11 +584,11 @@ async fn metrics_and_health_follow_pulls_and_containerd() {
     let (status, before) = scrape(&addr, "/metrics");
     assert_eq!(status, 200);
     assert_eq!(
-        sample(&before, "ecr_pull_proxy_upstream_up"),
+        sample(&before, "ecr_pull_proxy_upstream_up", &[]),
         Some(1.0),
         "{before}"
     );
-    assert_eq!(sample(&before, "ecr_pull_proxy_build_info"), Some(1.0));
+    assert_eq!(sample(&before, "ecr_pull_proxy_build_info", &[]), Some(1.0));
 
     pull(proxy.channel(), &image, None).await.unwrap();
     remove(s.direct(), &image).await;
@@ -603,38 +603,16 @@ async fn metrics_and_health_follow_pulls_and_containerd() {
     );
 
     let (_, after) = scrape(&addr, "/metrics");
-    let pulls = format!("ecr_pull_proxy_pulls_total{{registry=\"{ECR_HOST}\",result=\"ok\",credentials=\"injected\"}}");
-    assert_eq!(sample(&after, &pulls), Some(2.0), "{after}");
+    let pulls = "ecr_pull_proxy_pulls_total";
     assert_eq!(
         sample(
             &after,
-            "ecr_pull_proxy_pulls_total{registry=\"other\",result=\"error\",credentials=\"none\"}"
-        ),
-        Some(1.0),
-        "{after}"
-    );
-    assert_eq!(
-        sample(&after, "ecr_pull_proxy_token_cache_misses_total"),
-        Some(1.0),
-        "{after}"
-    );
-    assert_eq!(
-        sample(&after, "ecr_pull_proxy_token_cache_hits_total"),
-        Some(1.0),
-        "{after}"
-    );
-    assert_eq!(
-        sample(
-            &after,
-            "ecr_pull_proxy_aws_calls_total{api=\"ecr:GetAuthorizationToken\",code=\"ok\"}"
-        ),
-        Some(1.0),
-        "{after}"
-    );
-    assert_eq!(
-        sample(
-            &after,
-            "ecr_pull_proxy_calls_total{method=\"PullImage\",code=\"OK\"}"
+            pulls,
+            &[
+                ("registry", ECR_HOST),
+                ("result", "ok"),
+                ("credentials", "injected")
+            ]
         ),
         Some(2.0),
         "{after}"
@@ -642,13 +620,64 @@ async fn metrics_and_health_follow_pulls_and_containerd() {
     assert_eq!(
         sample(
             &after,
-            "ecr_pull_proxy_calls_total{method=\"PullImage\",code=\"Unknown\"}"
+            pulls,
+            &[
+                ("registry", "other"),
+                ("result", "error"),
+                ("credentials", "none")
+            ]
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "ecr_pull_proxy_token_cache_misses_total", &[]),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, "ecr_pull_proxy_token_cache_hits_total", &[]),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "ecr_pull_proxy_aws_calls_total",
+            &[("api", "ecr:GetAuthorizationToken"), ("code", "ok")]
+        ),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "ecr_pull_proxy_calls_total",
+            &[("method", "PullImage"), ("code", "OK")]
+        ),
+        Some(2.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "ecr_pull_proxy_calls_total",
+            &[("method", "PullImage"), ("code", "Unknown")]
         ),
         Some(1.0),
         "{after}"
     );
     // moto's tokens arrive expired: the gauge says so.
-    let expiry = sample(&after, "ecr_pull_proxy_token_expiry_seconds{service=\"ecr\",partition=\"aws\",region=\"us-east-1\"").unwrap();
+    let expiry = sample(
+        &after,
+        "ecr_pull_proxy_token_expiry_seconds",
+        &[
+            ("service", "ecr"),
+            ("partition", "aws"),
+            ("region", "us-east-1"),
+        ],
+    )
+    .unwrap();
     assert!(expiry < 0.0, "{after}");
     assert!(!after.contains("app:v1"), "no image names in metrics");
     assert_no_secret_in(&after);
@@ -661,7 +690,11 @@ async fn metrics_and_health_follow_pulls_and_containerd() {
         "{body}"
     );
     assert_eq!(
-        sample(&scrape(&addr, "/metrics").1, "ecr_pull_proxy_upstream_up"),
+        sample(
+            &scrape(&addr, "/metrics").1,
+            "ecr_pull_proxy_upstream_up",
+            &[]
+        ),
         Some(0.0)
     );
     assert_eq!(scrape(&addr, "/healthz").0, 200);
@@ -673,7 +706,11 @@ async fn metrics_and_health_follow_pulls_and_containerd() {
     })
     .await;
     assert_eq!(
-        sample(&scrape(&addr, "/metrics").1, "ecr_pull_proxy_upstream_up"),
+        sample(
+            &scrape(&addr, "/metrics").1,
+            "ecr_pull_proxy_upstream_up",
+            &[]
+        ),
         Some(1.0)
     );
 }
@@ -796,8 +833,13 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
     let scrape = || support::get_unix(&metrics, "/metrics");
     // containerd lists the image a moment before the daemon's pull returns.
     let counted = |out: &str| {
-        out.contains("ecr_pull_proxy_sandbox_image_present 1")
-            && sample(out, "ecr_pull_proxy_sandbox_pulls_total{result=\"ok\"}").unwrap_or(0.0)
+        sample(out, "ecr_pull_proxy_sandbox_image_present", &[]) == Some(1.0)
+            && sample(
+                out,
+                "ecr_pull_proxy_sandbox_pulls_total",
+                &[("result", "ok")],
+            )
+            .unwrap_or(0.0)
                 >= 4.0
     };
     support::eventually(Duration::from_secs(10), "four pulls counted", || {

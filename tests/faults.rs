@@ -146,11 +146,18 @@ async fn with_token_wait_zero_ecr_faults_fail_fast_naming_the_cause_and_calls_st
         "{logs}"
     );
     assert!(!logs.contains("credentials=\"injected\""), "{logs}");
-    let scraped = support::get_unix(&metrics, "/metrics");
-    let series = format!(
-        "ecr_pull_proxy_pulls_total{{registry=\"{ECR_HOST}\",result=\"error\",credentials=\"no-token\"}} 1"
+    assert_eq!(
+        support::metrics::read(
+            &metrics,
+            "ecr_pull_proxy_pulls_total",
+            &[
+                ("registry", ECR_HOST),
+                ("result", "error"),
+                ("credentials", "no-token")
+            ]
+        ),
+        1.0
     );
-    assert!(scraped.contains(&series), "{scraped}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -679,14 +679,9 @@ async fn an_upstream_stream_reset_fails_that_call_only() {
             ..Default::default()
         },
     );
-    let up = || {
-        let out = support::get_unix(&metrics, "/metrics");
-        out.lines()
-            .find(|l| l.starts_with("ecr_pull_proxy_upstream_up "))
-            .map(str::to_owned)
-    };
+    let up = || support::metrics::read(&metrics, "ecr_pull_proxy_upstream_up", &[]);
     raw::image_fs_info(proxy.channel()).await.unwrap();
-    assert_eq!(up().as_deref(), Some("ecr_pull_proxy_upstream_up 1"));
+    assert_eq!(up(), 1.0);
 
     let err = raw::unary(
         proxy.channel(),
@@ -702,7 +697,7 @@ async fn an_upstream_stream_reset_fails_that_call_only() {
     assert!(err.message().contains(sock.to_str().unwrap()), "{err:?}");
     assert!(err.message().contains("refused stream"), "{err:?}");
     // The connection is fine: still up, and the next call goes through on it.
-    assert_eq!(up().as_deref(), Some("ecr_pull_proxy_upstream_up 1"));
+    assert_eq!(up(), 1.0);
     raw::image_fs_info(proxy.channel()).await.unwrap();
 }
 

@@ -489,13 +489,7 @@ fn a_grpc_c_core_caller_rides_out_containerd_absent_then_restarted() {
 /// The value of the proxy's metric `name` (a counter or gauge with no
 /// labels), scraped from its metrics socket.
 fn metric(metrics: &Path, name: &str) -> u64 {
-    let text = support::get_unix(metrics, "/metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    support::metrics::read(metrics, name, &[]) as u64
 }
 
 /// Connections the proxy has accepted before a test's caller connects: the

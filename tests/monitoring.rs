@@ -206,7 +206,11 @@ async fn served_names() -> BTreeSet<String> {
     support::wait_until(
         std::time::Duration::from_secs(20),
         "the pause image pull",
-        || scrape().contains("ecr_pull_proxy_sandbox_pulls_total"),
+        || {
+            support::metrics::samples(&scrape())
+                .iter()
+                .any(|s| s.name == "ecr_pull_proxy_sandbox_pulls_total")
+        },
     );
     let out = scrape();
     let mut names = BTreeSet::new();
@@ -333,23 +337,35 @@ fn selectors(expr: &str) -> Vec<(String, Matchers)> {
 
 /// The samples of a scrape: name and labels.
 fn series(scraped: &str) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
-    // The body of the HTTP answer.
-    let body = scraped.split_once("\r\n\r\n").map_or(scraped, |(_, b)| b);
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let name_len = l.find(['{', ' ']).unwrap();
-            let mut labels = std::collections::BTreeMap::new();
-            if let Some(body) = l[name_len..].strip_prefix('{') {
-                let body = &body[..body.rfind('}').unwrap()];
-                for pair in body.split("\",") {
-                    let (k, v) = pair.split_once("=\"").unwrap();
-                    labels.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
-                }
-            }
-            (l[..name_len].to_owned(), labels)
-        })
+    support::metrics::samples(scraped)
+        .into_iter()
+        .map(|s| (s.name, s.labels))
         .collect()
+}
+
+/// The one metrics parser the tests share matches whole names and label
+/// values: `x_total 1` is not `x_total 10`, nor `x` a prefix of `x_more`.
+#[test]
+fn the_tests_metrics_parser_matches_whole_names_and_label_values() {
+    use support::metrics::{samples, value};
+    let scraped = "HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\n\
+        # HELP x calls.\n\
+        # TYPE x counter\n\
+        x_total 10\n\
+        x_total_more 3\n\
+        y_total{method=\"PullImage\",code=\"OK\"} 2\n\
+        y_total{method=\"PullImage\",code=\"Unknown\"} 1\n\
+        g -1.5\n";
+    assert_eq!(value(scraped, "x_total", &[]), Some(10.0));
+    assert_eq!(value(scraped, "x_tot", &[]), None);
+    assert_eq!(value(scraped, "y_total", &[("code", "Unknown")]), Some(1.0));
+    assert_eq!(
+        value(scraped, "y_total", &[("method", "PullImage")]),
+        Some(2.0)
+    );
+    assert_eq!(value(scraped, "y_total", &[("code", "Unk")]), None);
+    assert_eq!(value(scraped, "g", &[]), Some(-1.5));
+    assert_eq!(samples(scraped).len(), 5);
 }
 
 /// Whether `value` passes one matcher (the rules' regexes are
@@ -420,7 +436,7 @@ async fn scraped_series_after_real_failures_carry_the_labels_the_rules_select_on
     support::wait_until(
         std::time::Duration::from_secs(10),
         "upstream_up to say containerd is down",
-        || support::get_unix(&metrics, "/metrics").contains("\necr_pull_proxy_upstream_up 0\n"),
+        || support::metrics::read(&metrics, "ecr_pull_proxy_upstream_up", &[]) == 0.0,
     );
 
     let mut served = series(&support::get_unix(&metrics, "/metrics"));

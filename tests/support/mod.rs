@@ -7,6 +7,7 @@
 pub mod fake_ecr;
 pub mod flood;
 pub mod go;
+pub mod metrics;
 pub mod pod;
 pub mod raw;
 pub mod real;
