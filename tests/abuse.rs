@@ -14,7 +14,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -631,8 +631,8 @@ use ecr_pull_proxy::budget::{
     MAX_PULL_MESSAGE_SIZE, PULL_BUFFER_PER_CONNECTION, PULL_MESSAGE_TIMEOUT,
 };
 use ecr_pull_proxy::transport::server::{
-    MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS, MAX_PENDING_ACCEPT_RESET_STREAMS,
-    MAX_REQUEST_HEADER_LIST_SIZE,
+    CONNECTION_LIMIT_WARNING_INTERVAL, MAX_CONCURRENT_STREAMS, MAX_CONNECTIONS,
+    MAX_PENDING_ACCEPT_RESET_STREAMS, MAX_REQUEST_HEADER_LIST_SIZE,
 };
 
 /// Growth of the daemon's peak memory (VmHWM minus its RSS before the
@@ -803,48 +803,65 @@ async fn callers_that_never_read_large_answers_stall_only_themselves() {
 
 /// At most `MAX_CONNECTIONS` client connections are served at once; the
 /// next is served as soon as one closes. `connections_open` counts them.
+/// Held at the limit, the daemon says so once per
+/// `CONNECTION_LIMIT_WARNING_INTERVAL`, not each time a freed slot is
+/// taken again.
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_past_the_limit_wait_for_a_free_one() {
     let b = start().await;
+    let started = Instant::now();
     let mut open = Vec::new();
     for _ in 0..MAX_CONNECTIONS {
-        let mut send = h2_connect(&b.proxy.socket).await;
-        send = send.ready().await.unwrap();
-        let (resp, mut tx) = send
-            .send_request(grpc_request("ImageFsInfo", None), false)
-            .unwrap();
-        tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
-            .unwrap();
-        assert_eq!(grpc_code(resp).await.as_deref(), Some("0"));
+        let (send, code) = served_connection(b.proxy.socket.clone()).await;
+        assert_eq!(code.as_deref(), Some("0"));
         open.push(send);
     }
     assert_eq!(
         support::metrics::read(&b.metrics, "ecr_pull_proxy_connections_open", &[]),
         MAX_CONNECTIONS as f64
     );
-    let socket = b.proxy.socket.clone();
-    let waiting = tokio::spawn(async move {
-        let mut send = h2_connect(&socket).await;
-        send = send.ready().await.unwrap();
-        let (resp, mut tx) = send
-            .send_request(grpc_request("ImageFsInfo", None), false)
+    let warning = "client connection limit reached";
+    for round in 0..5 {
+        let waiting = tokio::spawn(served_connection(b.proxy.socket.clone()));
+        tokio::time::sleep(Duration::from_millis(if round == 0 { 1000 } else { 200 })).await;
+        assert!(
+            !waiting.is_finished(),
+            "round {round}: a connection past the limit was served"
+        );
+        if round == 0 {
+            assert!(b.proxy.logs().contains(warning), "{}", b.proxy.logs());
+        }
+        drop(open.pop());
+        let (send, code) = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("served once a connection closed")
             .unwrap();
-        tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
-            .unwrap();
-        grpc_code(resp).await
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        !waiting.is_finished(),
-        "a connection past the limit was served"
+        assert_eq!(code.as_deref(), Some("0"));
+        open.push(send);
+    }
+    // Each round took the freed slot, and the limit was reached again.
+    assert_eq!(
+        support::metrics::read(&b.metrics, "ecr_pull_proxy_connections_open", &[]),
+        MAX_CONNECTIONS as f64
     );
-    assert!(b.proxy.logs().contains("client connection limit reached"));
-    drop(open.pop());
-    let code = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("served once a connection closed")
+    let logs = b.proxy.logs();
+    assert_eq!(logs.matches(warning).count(), 1, "{logs}");
+    // (All of it inside one interval, or a second warning would be due.)
+    assert!(started.elapsed() < CONNECTION_LIMIT_WARNING_INTERVAL);
+}
+
+/// A new connection to the proxy with one `ImageFsInfo` answered: the
+/// connection (open while it is held) and the call's grpc-status.
+async fn served_connection(socket: PathBuf) -> (h2::client::SendRequest<Bytes>, Option<String>) {
+    let mut send = h2_connect(&socket).await;
+    send = send.ready().await.unwrap();
+    let (resp, mut tx) = send
+        .send_request(grpc_request("ImageFsInfo", None), false)
         .unwrap();
-    assert_eq!(code.as_deref(), Some("0"));
+    tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let code = grpc_code(resp).await;
+    (send, code)
 }
 
 /// Exactly `MAX_CONCURRENT_STREAMS` calls of one connection reach the

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -61,6 +61,12 @@ pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 pub const MAX_SEND_BUFFER_PER_STREAM: usize = 32 * 1024;
 /// How long accepting pauses after an accept error (EMFILE and friends).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// At most one "connection limit reached" warning per this long: a daemon
+/// held at the limit waits again each time a freed slot is taken, and a
+/// client that reconnects in a loop must not flood the log. The warning
+/// says how many times the limit was reached since the last one
+/// (`connections_open` shows it without pause).
+pub const CONNECTION_LIMIT_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The HTTP/2 server settings every client connection gets.
 fn builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
@@ -92,15 +98,23 @@ pub async fn serve(
     let (drain, draining) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut limit_warned: Option<Instant> = None;
+    let mut times_reached: u64 = 0;
     loop {
         // A free slot first, then the next connection.
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
-                tracing::warn!(
-                    limit = MAX_CONNECTIONS,
-                    "client connection limit reached; new connections wait until one closes"
-                );
+                times_reached += 1;
+                if limit_warned.is_none_or(|at| at.elapsed() >= CONNECTION_LIMIT_WARNING_INTERVAL) {
+                    tracing::warn!(
+                        limit = MAX_CONNECTIONS,
+                        times_reached,
+                        "client connection limit reached; new connections wait until one closes"
+                    );
+                    limit_warned = Some(Instant::now());
+                    times_reached = 0;
+                }
                 tokio::select! {
                     slot = slots.clone().acquire_owned() => slot.expect("never closed"),
                     () = &mut shutdown => break,
