@@ -598,10 +598,12 @@ mod tests {
     /// replayed: `CACHE_TEST_SEED=N cargo test --lib ecr::cache`. The
     /// assertions hold for any draw the reasoning beside them allows.
     fn seed() -> u64 {
-        std::env::var("CACHE_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1)
+        match std::env::var("CACHE_TEST_SEED") {
+            Err(_) => 1,
+            Ok(s) => s
+                .parse()
+                .unwrap_or_else(|e| panic!("CACHE_TEST_SEED={s:?} is not a u64: {e}")),
+        }
     }
 
     fn cache_over(source: Arc<Scripted>) -> TokenCache {
