@@ -25,6 +25,7 @@ use support::real::ContainerdVersion;
 use support::scripted::ScriptedUpstream;
 use support::stack::{Stack, ECR_HOST};
 use support::{ProxyOptions, ProxyProcess};
+use tonic::transport::Channel;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0;
@@ -281,39 +282,15 @@ impl Bench {
         let (idle_rss, _) = self.proxy.rss_kib();
 
         let stop = Arc::new(AtomicBool::new(false));
-        // On real containerd the other client also pulls the private ECR
-        // image (removed first, so that containerd downloads it again)
-        // every tenth call.
         let direct = match &self.upstream {
             Upstream::Containerd(s) => Some(s.direct()),
             Upstream::Scripted(_) => None,
         };
         let other = {
             let stop = stop.clone();
-            tokio::spawn(async move {
-                let (mut calls, mut slowest, mut pulls) = (0u32, Duration::ZERO, 0u32);
-                // At least a few calls, even when the attack is over in
-                // a millisecond.
-                while !stop.load(Ordering::SeqCst) || calls < 3 {
-                    let started = Instant::now();
-                    raw::image_fs_info(channel.clone())
-                        .await
-                        .expect("the other client's call");
-                    slowest = slowest.max(started.elapsed());
-                    if let Some(direct) = direct.as_ref().filter(|_| calls % 10 == 0) {
-                        support::stack::remove(direct.clone(), &ecr_image()).await;
-                        let started = Instant::now();
-                        support::stack::pull(channel.clone(), &ecr_image(), None)
-                            .await
-                            .expect("the other client's pull from private ECR");
-                        slowest = slowest.max(started.elapsed());
-                        pulls += 1;
-                    }
-                    calls += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                (calls, slowest, pulls)
-            })
+            tokio::spawn(other_client(channel.clone(), direct, move || {
+                !stop.load(Ordering::SeqCst)
+            }))
         };
         let socket = self.proxy.socket.clone();
         let pid = self.proxy.pid();
@@ -656,8 +633,9 @@ fn assert_within_budget(idle_kib: u64, hwm_kib: u64, slowest: Duration) {
 }
 
 /// Another client (its own connection) calling `ImageFsInfo` and
-/// `PullImage` every 20 ms until `stop`: (calls, slowest).
-fn other_client(
+/// `PullImage` (answered by the scripted upstream) every 20 ms until
+/// `stop`: (calls, slowest).
+fn other_client_with_scripted_pulls(
     proxy: &ProxyProcess,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<(u32, Duration)> {
@@ -709,7 +687,7 @@ async fn pull_message_floods_are_bounded_and_other_callers_are_answered() {
     raw::image_fs_info(b.proxy.channel()).await.unwrap();
     let (idle, _) = b.proxy.rss_kib();
     let stop = Arc::new(AtomicBool::new(false));
-    let other = other_client(&b.proxy, stop.clone());
+    let other = other_client_with_scripted_pulls(&b.proxy, stop.clone());
 
     let codes = flood::pull_message_flood(
         &b.proxy.socket,
@@ -783,7 +761,7 @@ async fn callers_that_never_read_large_answers_stall_only_themselves() {
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let other = other_client(&b.proxy, stop.clone());
+    let other = other_client_with_scripted_pulls(&b.proxy, stop.clone());
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::SeqCst);
     let (calls, slowest) = other.await.unwrap();
@@ -1139,24 +1117,25 @@ async fn callers_that_never_read_containerds_multi_mib_list_stall_only_themselve
     }
 }
 
-/// The other client against real containerd for `time`: `ImageFsInfo`
-/// every 20 ms, and a pull of the private ECR image (removed first, so
-/// that it downloads) every tenth call: (calls, slowest, pulls).
-async fn other_client_on_containerd(b: &Bench, time: Duration) -> (u32, Duration, u32) {
-    let Upstream::Containerd(stack) = &b.upstream else {
-        unreachable!()
-    };
-    let (channel, direct) = (b.proxy.channel(), stack.direct());
+/// Another client, while `go_on` says so (and for three calls at least,
+/// even when an attack is over in a millisecond): `ImageFsInfo` every
+/// 20 ms and, given `direct` (real containerd), a pull of the private ECR
+/// image every tenth call, removed first so that containerd downloads it
+/// again; each call within 30 s. Returns (calls, slowest, pulls).
+async fn other_client(
+    channel: Channel,
+    direct: Option<Channel>,
+    mut go_on: impl FnMut() -> bool,
+) -> (u32, Duration, u32) {
     let (mut calls, mut slowest, mut pulls) = (0u32, Duration::ZERO, 0u32);
-    let started = Instant::now();
-    while started.elapsed() < time {
+    while go_on() || calls < 3 {
         let at = Instant::now();
         tokio::time::timeout(Duration::from_secs(30), raw::image_fs_info(channel.clone()))
             .await
-            .expect("ImageFsInfo answered")
-            .expect("ImageFsInfo OK");
+            .expect("the other client's ImageFsInfo answered")
+            .expect("the other client's ImageFsInfo");
         slowest = slowest.max(at.elapsed());
-        if calls % 10 == 0 {
+        if let Some(direct) = direct.as_ref().filter(|_| calls % 10 == 0) {
             support::stack::remove(direct.clone(), &ecr_image()).await;
             let at = Instant::now();
             tokio::time::timeout(
@@ -1164,8 +1143,8 @@ async fn other_client_on_containerd(b: &Bench, time: Duration) -> (u32, Duration
                 support::stack::pull(channel.clone(), &ecr_image(), None),
             )
             .await
-            .expect("the pull answered")
-            .expect("the pull from private ECR");
+            .expect("the other client's pull answered")
+            .expect("the other client's pull from private ECR");
             slowest = slowest.max(at.elapsed());
             pulls += 1;
         }
@@ -1173,6 +1152,18 @@ async fn other_client_on_containerd(b: &Bench, time: Duration) -> (u32, Duration
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (calls, slowest, pulls)
+}
+
+/// [`other_client`] against real containerd for `time`.
+async fn other_client_on_containerd(b: &Bench, time: Duration) -> (u32, Duration, u32) {
+    let Upstream::Containerd(stack) = &b.upstream else {
+        unreachable!()
+    };
+    let started = Instant::now();
+    other_client(b.proxy.channel(), Some(stack.direct()), move || {
+        started.elapsed() < time
+    })
+    .await
 }
 
 /// The `PullImage` message flood of
