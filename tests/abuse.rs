@@ -299,13 +299,7 @@ impl Bench {
             let (stop, peak) = (stop.clone(), peak.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
-                        let rss: u64 = status
-                            .lines()
-                            .find_map(|l| l.strip_prefix("VmRSS:"))
-                            .and_then(|v| v.split_whitespace().next())
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0);
+                    if let Some((rss, _)) = support::rss_kib_of(pid) {
                         peak.fetch_max(rss, Ordering::SeqCst);
                     }
                     std::thread::sleep(Duration::from_millis(50));

@@ -79,6 +79,20 @@ pub fn get_unix(socket: &Path, path: &str) -> String {
     out
 }
 
+/// Resident memory in KiB (`VmRSS`) and its peak (`VmHWM`) of process
+/// `pid`; `None` once it is gone.
+pub fn rss_kib_of(pid: i32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 /// A gRPC channel over a Unix socket, dialled lazily.
 pub fn channel(path: &Path) -> Channel {
     let path = path.to_owned();
@@ -208,16 +222,7 @@ impl ProxyProcess {
 
     /// Resident memory in KiB (`VmRSS`) and its peak (`VmHWM`).
     pub fn rss_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap()
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        rss_kib_of(self.pid()).expect("the proxy's /proc status")
     }
 
     /// Open file descriptors.
