@@ -61,13 +61,19 @@ fn bench(c: &mut Criterion) {
         b.iter(|| pull::read(pull::unframe(std::hint::black_box(&framed)).unwrap()).unwrap())
     });
     c.bench_function("pull: rewrite + frame", |b| {
-        b.iter(|| pull::frame(&pull::with_credentials(std::hint::black_box(&msg), &creds).unwrap()))
+        b.iter(|| {
+            pull::frame(
+                &pull::with_credentials(std::hint::black_box(&msg), &creds, "https://r.example")
+                    .unwrap(),
+            )
+        })
     });
 
     let cli = Cli::try_parse_args(["x"]).unwrap();
     let config = Config::from_toml("", &cli).unwrap();
     let resolver = Resolver::new(
         config.credentials,
+        config.sandbox.containerd_config,
         TokenCache::new(Arc::new(Never), None, Arc::default()),
     );
     c.bench_function("match: ECR image (default patterns)", |b| {

@@ -47,9 +47,14 @@ pub const MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// containerd.
 pub const DEFAULT_SANDBOX_IMAGE: &str = "auto";
 /// containerd's own config file, read for its sandbox image when its CRI
-/// status does not say (containerd 2.x). k3s keeps it under
-/// `/var/lib/rancher/k3s/agent/etc/containerd/config.toml`.
+/// status does not say (containerd 2.x), and for its registry
+/// `config_path` (the `hosts.toml` files that decide where a token goes).
 pub const DEFAULT_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+/// k3s's containerd socket.
+pub const K3S_UPSTREAM: &str = "/run/k3s/containerd/containerd.sock";
+/// The config file k3s renders for its containerd: the default
+/// `containerd_config` when `upstream` is [`K3S_UPSTREAM`].
+pub const K3S_CONTAINERD_CONFIG: &str = "/var/lib/rancher/k3s/agent/etc/containerd/config.toml";
 /// How often the sandbox image's presence is checked (a cheap
 /// `ImageStatus`) besides at start and when containerd comes back.
 pub const DEFAULT_SANDBOX_CHECK_INTERVAL: Duration = Duration::from_secs(5 * 60);
@@ -462,6 +467,7 @@ impl Config {
                 .or(file.upstream.as_deref())
                 .unwrap_or(DEFAULT_UPSTREAM),
         )?;
+        let sandbox = sandbox_config(&file, &upstream)?;
         let socket_mode = match &file.socket_mode {
             Some(s) => parse_mode(s)?,
             None => DEFAULT_SOCKET_MODE,
@@ -532,13 +538,13 @@ impl Config {
                 max_token_age,
                 ecr_public: file.ecr_public.unwrap_or(DEFAULT_ECR_PUBLIC),
             },
-            sandbox: sandbox_config(&file)?,
+            sandbox,
             source,
         })
     }
 }
 
-fn sandbox_config(file: &FileConfig) -> Result<SandboxConfig, ConfigError> {
+fn sandbox_config(file: &FileConfig, upstream: &Path) -> Result<SandboxConfig, ConfigError> {
     let image = match file.sandbox_image.as_deref() {
         None | Some("auto") => SandboxImage::Auto,
         Some("off") => SandboxImage::Off,
@@ -563,10 +569,13 @@ fn sandbox_config(file: &FileConfig) -> Result<SandboxConfig, ConfigError> {
     }
     Ok(SandboxConfig {
         image,
-        containerd_config: file
-            .containerd_config
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTAINERD_CONFIG)),
+        containerd_config: file.containerd_config.clone().unwrap_or_else(|| {
+            PathBuf::from(if upstream == Path::new(K3S_UPSTREAM) {
+                K3S_CONTAINERD_CONFIG
+            } else {
+                DEFAULT_CONTAINERD_CONFIG
+            })
+        }),
         check_interval,
     })
 }

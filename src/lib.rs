@@ -17,6 +17,7 @@
 pub mod budget;
 pub mod call;
 pub mod config;
+pub mod containerd_config;
 pub mod ecr;
 pub mod error;
 pub mod image_ref;
@@ -80,7 +81,11 @@ pub async fn run(cli: config::Cli, config: Config) -> Result<(), RunError> {
         metrics.clone(),
     ));
     let cache = ecr::TokenCache::new(source, config.credentials.max_token_age, metrics.clone());
-    let resolver = pull::credentials::Resolver::new(config.credentials.clone(), cache.clone());
+    let resolver = pull::credentials::Resolver::new(
+        config.credentials.clone(),
+        config.sandbox.containerd_config.clone(),
+        cache.clone(),
+    );
     let upstream = transport::Upstream::new(&config.upstream, metrics.upstream_up.clone());
     let proxy = transport::Proxy::new(upstream, resolver, metrics.clone());
     let shutdown = signal::shutdown().map_err(RunError::Signal)?;

@@ -9,7 +9,7 @@
 //! pulls) when it is missing. Failures back off and are retried; they
 //! never stop the daemon or delay its socket.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use prost::Message;
 
 use crate::call::final_status;
 use crate::config::{SandboxConfig, SandboxImage};
+use crate::containerd_config::{self, CriSetting};
 use crate::cri;
 use crate::ops::metrics::SandboxLabels;
 use crate::transport::{Proxy, Upstream};
@@ -51,92 +52,6 @@ impl std::fmt::Display for Source {
             Source::BuiltIn(v) => write!(f, "containerd {v}'s built-in default"),
         }
     }
-}
-
-/// The sandbox image a containerd config file names: schema version 2
-/// (`plugins."io.containerd.grpc.v1.cri".sandbox_image`), version 3
-/// (`plugins."io.containerd.cri.v1.images".pinned_images.sandbox`), or the
-/// unversioned 1.x schema (`plugins.cri.sandbox_image`). This file alone;
-/// [`from_containerd_config_files`] follows `imports`.
-pub fn from_containerd_config(text: &str) -> Option<String> {
-    let table: toml::Table = text.parse().ok()?;
-    let version = table.get("version").and_then(toml::Value::as_integer);
-    section(&table, version)?
-}
-
-/// The sandbox image setting of one parsed config file: `None` when the
-/// file has no CRI image section at all, `Some(None)` when the section is
-/// there but names no image.
-fn section(table: &toml::Table, version: Option<i64>) -> Option<Option<String>> {
-    let plugins = table.get("plugins")?.as_table()?;
-    let (plugin, path): (&str, &[&str]) = match version {
-        Some(3) => ("io.containerd.cri.v1.images", &["pinned_images", "sandbox"]),
-        Some(2) => ("io.containerd.grpc.v1.cri", &["sandbox_image"]),
-        _ => ("cri", &["sandbox_image"]),
-    };
-    let mut value = plugins.get(plugin)?;
-    for key in path {
-        match value.get(key) {
-            Some(v) => value = v,
-            None => return Some(None),
-        }
-    }
-    Some(value.as_str().filter(|s| !s.is_empty()).map(str::to_owned))
-}
-
-/// At most this many files (the main one and its imports) are read to
-/// learn containerd's sandbox image.
-pub const MAX_CONFIG_FILES: usize = 64;
-
-/// The sandbox image containerd's config names, reading its `imports` as
-/// containerd does: the main file first, then each import in order
-/// (relative paths from the importing file's directory, globs expanded in
-/// name order, every file once); a later file's plugin section replaces an
-/// earlier one whole, so the last file with the CRI image section decides.
-/// Imports carry the main file's schema version unless they set their own.
-/// Returns the image and the file that named it.
-pub fn from_containerd_config_files(main: &Path) -> Option<(String, PathBuf)> {
-    let mut pending = std::collections::VecDeque::from([main.to_path_buf()]);
-    let mut loaded = std::collections::HashSet::new();
-    let mut main_version = None;
-    let mut decided: Option<(Option<String>, PathBuf)> = None;
-    while let Some(path) = pending.pop_front() {
-        if loaded.len() >= MAX_CONFIG_FILES || !loaded.insert(path.clone()) {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let Ok(table) = text.parse::<toml::Table>() else {
-            continue;
-        };
-        let version = table.get("version").and_then(toml::Value::as_integer);
-        if loaded.len() == 1 {
-            main_version = version;
-        }
-        if let Some(value) = section(&table, version.or(main_version)) {
-            decided = Some((value, path.clone()));
-        }
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        let imports = table.get("imports").and_then(toml::Value::as_array);
-        for import in imports
-            .into_iter()
-            .flatten()
-            .filter_map(toml::Value::as_str)
-        {
-            let import = dir.join(import);
-            if import.to_string_lossy().contains(['*', '?', '[']) {
-                let matches = glob::glob(&import.to_string_lossy()).into_iter().flatten();
-                let mut matches: Vec<PathBuf> = matches.flatten().collect();
-                matches.sort();
-                pending.extend(matches);
-            } else {
-                pending.push_back(import);
-            }
-        }
-    }
-    let (image, path) = decided?;
-    Some((image?, path))
 }
 
 /// containerd's built-in sandbox image for its version (its CRI config's
@@ -234,7 +149,14 @@ pub async fn discover(
     {
         return Ok(Some((image, Source::CriStatus)));
     }
-    if let Some((image, file)) = from_containerd_config_files(&config.containerd_config) {
+    // File reads, off the runtime thread.
+    let main = config.containerd_config.clone();
+    let from_file = tokio::task::spawn_blocking(move || {
+        containerd_config::cri_setting_from_files(&main, CriSetting::SandboxImage)
+    })
+    .await
+    .map_err(|e| SandboxError(format!("reading containerd's config: {e}")))?;
+    if let Some((image, file)) = from_file {
         return Ok(Some((image, Source::ConfigFile(file))));
     }
     let version = unary(
@@ -412,118 +334,6 @@ async fn wait(upstream: &Upstream, d: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn containerd_config_files_name_their_sandbox_image_in_every_schema() {
-        let v2 = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.5\"\n";
-        assert_eq!(
-            from_containerd_config(v2).as_deref(),
-            Some("602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.5")
-        );
-        let v3 = "version = 3\n[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"registry.k8s.io/pause:3.10\"\n";
-        assert_eq!(
-            from_containerd_config(v3).as_deref(),
-            Some("registry.k8s.io/pause:3.10")
-        );
-        let v1 = "[plugins.cri]\n  sandbox_image = \"k8s.gcr.io/pause:3.2\"\n";
-        assert_eq!(
-            from_containerd_config(v1).as_deref(),
-            Some("k8s.gcr.io/pause:3.2")
-        );
-        // A version 2 file does not read version 3's key, and the reverse.
-        let mixed = "version = 2\n[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"x/pause:1\"\n";
-        assert_eq!(from_containerd_config(mixed), None);
-        for nothing in [
-            "",
-            "version = 2\n",
-            "not toml [",
-            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"\"\n",
-        ] {
-            assert_eq!(from_containerd_config(nothing), None, "{nothing:?}");
-        }
-        assert_eq!(
-            from_containerd_config_files(Path::new("/nonexistent/config.toml")),
-            None
-        );
-    }
-
-    #[test]
-    fn containerd_config_imports_are_followed_as_containerd_merges_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let write = |name: &str, text: &str| {
-            let p = d.join(name);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, text).unwrap();
-            p
-        };
-        let cri = |image: &str| {
-            format!("[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{image}\"\n")
-        };
-        // The main file names one image; a glob import, read in name order,
-        // names another in its last file: the last one wins.
-        let main = write(
-            "config.toml",
-            &format!(
-                "version = 2\nimports = [\"conf.d/*.toml\"]\n{}",
-                cri("main/pause:1")
-            ),
-        );
-        write("conf.d/10-a.toml", &cri("a/pause:1"));
-        let b = write("conf.d/20-b.toml", &cri("b/pause:1"));
-        write(
-            "conf.d/30-other.toml",
-            "[plugins.\"io.containerd.grpc.v1.other\"]\n  x = 1\n",
-        );
-        assert_eq!(
-            from_containerd_config_files(&main),
-            Some(("b/pause:1".to_owned(), b.clone()))
-        );
-        // A later section without the key replaces the earlier one whole:
-        // containerd then uses its built-in default.
-        write(
-            "conf.d/40-empty.toml",
-            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  enable_selinux = false\n",
-        );
-        assert_eq!(from_containerd_config_files(&main), None);
-        // Absolute imports, import cycles and missing files.
-        let other = write(
-            "elsewhere/x.toml",
-            &format!(
-                "version = 2\nimports = [{:?}, \"/nonexistent.toml\"]\n{}",
-                main.display().to_string(),
-                cri("x/pause:1")
-            ),
-        );
-        let main2 = write(
-            "main2.toml",
-            &format!(
-                "version = 2\nimports = [{:?}]\n",
-                other.display().to_string()
-            ),
-        );
-        std::fs::remove_file(d.join("conf.d/40-empty.toml")).unwrap();
-        assert_eq!(
-            from_containerd_config_files(&main2),
-            Some(("b/pause:1".to_owned(), b))
-        );
-        // Version 3: the images plugin's pinned sandbox image.
-        let v3 = write(
-            "v3/config.toml",
-            "version = 3\nimports = [\"extra.toml\"]\n",
-        );
-        let extra = write(
-            "v3/extra.toml",
-            "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = \"602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.10\"\n",
-        );
-        assert_eq!(
-            from_containerd_config_files(&v3),
-            Some((
-                "602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/pause:3.10".to_owned(),
-                extra
-            ))
-        );
-    }
 
     #[test]
     fn builtin_defaults_follow_containerd_versions() {

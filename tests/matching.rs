@@ -380,6 +380,7 @@ fn upstream_image_rows_get_the_provider_token() {
     .unwrap();
     let resolver = Resolver::new(
         config.credentials,
+        config.sandbox.containerd_config,
         TokenCache::new(Arc::new(Never), None, Arc::default()),
     );
     for row in table().image {

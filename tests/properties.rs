@@ -77,7 +77,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = pull::read(&bytes);
-        let _ = pull::with_credentials(&bytes, &creds());
+        let _ = pull::with_credentials(&bytes, &creds(), "https://r.example");
         let _ = pull::unframe(&bytes);
     }
 
@@ -86,7 +86,7 @@ proptest! {
         // The rewrite never accepts what the reader refused, nor the reverse
         // for framing errors: the proxy relies on `read` to decide.
         if pull::read(&bytes).is_ok() {
-            prop_assert!(pull::with_credentials(&bytes, &creds()).is_ok());
+            prop_assert!(pull::with_credentials(&bytes, &creds(), "https://r.example").is_ok());
         }
     }
 
@@ -108,13 +108,13 @@ proptest! {
         prop_assert_eq!(&info.image, &image);
         prop_assert_eq!(info.has_credentials, old_password.is_some());
 
-        let out = pull::with_credentials(&msg, &creds()).unwrap();
+        let out = pull::with_credentials(&msg, &creds(), "https://r.example").unwrap();
         // Decoded: everything but auth is equal, auth is ours.
         let decoded = cri::PullImageRequest::decode(&out[..]).unwrap();
         let auth = decoded.auth.clone().unwrap();
         prop_assert_eq!(auth.username.as_str(), "AWS");
         prop_assert_eq!(auth.password.as_str(), "pw-0123456789");
-        prop_assert_eq!(auth.server_address.as_str(), "");
+        prop_assert_eq!(auth.server_address.as_str(), "https://r.example");
         prop_assert_eq!(strip_auth(&out), strip_auth(&msg));
         // Raw: the message without its auth field is a byte-for-byte
         // subsequence-free copy: removing our auth from `out` gives `msg`

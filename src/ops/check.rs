@@ -338,7 +338,11 @@ fn provider_name(creds: &aws_credential_types::Credentials) -> String {
 /// A resolver for matching only (it never fetches).
 fn matcher_only(config: &Config) -> Resolver {
     let cache = crate::ecr::TokenCache::new(Arc::new(NoSource), None, Arc::new(Metrics::new()));
-    Resolver::new(config.credentials.clone(), cache)
+    Resolver::new(
+        config.credentials.clone(),
+        config.sandbox.containerd_config.clone(),
+        cache,
+    )
 }
 
 /// The sandbox (pause) image: which, from where, whether it gets a token,
@@ -388,6 +392,13 @@ async fn image_check(r: &mut Report, config: &Config, image: &str) {
         format!(
             "{image}: matches {:?}; needs a token for {} (account {account})",
             target.pattern, target.key
+        ),
+    );
+    r.line(
+        "token goes to",
+        format!(
+            "{} only (where containerd sends the pull; hosts.toml mirrors get no token)",
+            resolver.destination(&target).await
         ),
     );
     let source = AwsSource::new(

@@ -22,6 +22,8 @@ pub async fn on_hangup(
     proxy: Proxy,
     cache: TokenCache,
 ) {
+    // containerd_config takes effect after a restart, as reported below.
+    let containerd_config = current.sandbox.containerd_config.clone();
     while hangups.recv().await.is_some() {
         match Config::load(&cli) {
             Ok(new) => {
@@ -31,7 +33,11 @@ pub async fn on_hangup(
                         "changed in the config file; takes effect after a restart"
                     );
                 }
-                proxy.replace_resolver(Resolver::new(new.credentials.clone(), cache.clone()));
+                proxy.replace_resolver(Resolver::new(
+                    new.credentials.clone(),
+                    containerd_config.clone(),
+                    cache.clone(),
+                ));
                 tracing::info!(
                     existing_credentials = %new.credentials.existing_credentials,
                     patterns = new.credentials.ecr_patterns.len(),

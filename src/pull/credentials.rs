@@ -5,6 +5,7 @@
 //! then the ECR patterns) and asks the cache for the right key.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use crate::config::{CredentialsConfig, ExistingCredentials};
 use crate::ecr::Credentials;
@@ -42,13 +43,22 @@ impl fmt::Debug for Target {
 #[derive(Clone)]
 pub struct Resolver {
     config: CredentialsConfig,
+    /// containerd's config file: its `config_path` says where the
+    /// `hosts.toml` files are that decide where a token may go.
+    containerd_config: PathBuf,
     cache: TokenCache,
 }
 
 impl Resolver {
-    /// A resolver for `config`, with tokens from `cache`.
-    pub fn new(config: CredentialsConfig, cache: TokenCache) -> Self {
-        Resolver { config, cache }
+    /// A resolver for `config`, with tokens from `cache`, scoped by the
+    /// `hosts.toml` files that containerd's config file `containerd_config`
+    /// points at.
+    pub fn new(config: CredentialsConfig, containerd_config: PathBuf, cache: TokenCache) -> Self {
+        Resolver {
+            config,
+            containerd_config,
+            cache,
+        }
     }
 
     /// The policy for requests that already carry credentials.
@@ -134,6 +144,27 @@ impl Resolver {
         ))
     }
 
+    /// The one host containerd may give `target`'s token to, as a URL with
+    /// its scheme: where containerd sends the pull in the end (the `server`
+    /// of the image host's `hosts.toml` under containerd's `config_path`,
+    /// else the image's host). Mirrors tried before it get no token; a
+    /// mirror that serves the image serves it without one.
+    ///
+    /// Read at every pull, as containerd reads `hosts.toml` at every pull,
+    /// so that a changed file is followed without a restart; on the
+    /// blocking pool, since it reads files.
+    pub async fn destination(&self, target: &Target) -> String {
+        let main = self.containerd_config.clone();
+        let host = target.image_host.clone();
+        let fallback = host.clone();
+        tokio::task::spawn_blocking(move || {
+            let roots = crate::containerd_config::registry_config_path(&main);
+            crate::containerd_config::final_server(&roots, &host)
+        })
+        .await
+        .unwrap_or_else(|_| format!("https://{fallback}"))
+    }
+
     /// Credentials for `target`. A pull that may go on anonymously does
     /// not wait for retries; others wait up to `token_wait`.
     pub async fn credentials(
@@ -175,6 +206,7 @@ mod tests {
         let config = Config::from_toml(toml, &Cli::try_parse_args(["x"]).unwrap()).unwrap();
         Resolver::new(
             config.credentials,
+            config.sandbox.containerd_config,
             TokenCache::new(Arc::new(Never), None, Arc::default()),
         )
     }

@@ -283,7 +283,9 @@ impl<F: Forward> Pull<F> {
             }
         };
         *record = Some(PullRecord::new(image, Some(target), kind, Some(outcome)));
-        let body = match with_credentials(message, &credentials) {
+        let destination = resolver.destination(target).await;
+        tracing::debug!(image = %image, token_to = %destination, "token scoped to the host containerd pulls from");
+        let body = match with_credentials(message, &credentials, &destination) {
             Ok(m) => frame(&m),
             Err(e) => {
                 // `read` accepted these bytes, and the rewrite walks them the

@@ -24,9 +24,11 @@ const SPEC_IMAGE: u32 = 1;
 /// `AuthConfig` fields that carry a credential: username, password, auth,
 /// identity_token, registry_token (not server_address = 4).
 const AUTH_CREDENTIAL_FIELDS: [u32; 5] = [1, 2, 3, 5, 6];
-/// `AuthConfig.username` and `AuthConfig.password`.
+/// `AuthConfig.username`, `AuthConfig.password` and
+/// `AuthConfig.server_address`.
 const AUTH_USERNAME: u32 = 1;
 const AUTH_PASSWORD: u32 = 2;
+const AUTH_SERVER_ADDRESS: u32 = 4;
 
 /// Length of the gRPC message prefix: compressed flag + 4-byte length.
 pub const GRPC_HEADER_LEN: usize = 5;
@@ -139,10 +141,16 @@ pub fn read(message: &[u8]) -> Result<PullRequestInfo, WireError> {
 }
 
 /// Returns `message` with `auth` replaced by `credentials` (username and
-/// password; `server_address` left empty so that `hosts.toml` mirrors keep
-/// the credentials). Every other field is copied byte for byte, in order.
-pub fn with_credentials(message: &[u8], credentials: &Credentials) -> Result<Vec<u8>, WireError> {
-    let auth = encode_auth(credentials);
+/// password) for `server_address`, the one host containerd may give them
+/// to (a URL with its scheme; containerd gives credentials with an empty
+/// one to every host it tries). Every other field is copied byte for byte,
+/// in order.
+pub fn with_credentials(
+    message: &[u8],
+    credentials: &Credentials,
+    server_address: &str,
+) -> Result<Vec<u8>, WireError> {
+    let auth = encode_auth(credentials, server_address);
     let mut out = Vec::with_capacity(message.len() + auth.len() + 8);
     let mut placed = false;
     for field in Fields::new(message) {
@@ -162,11 +170,16 @@ pub fn with_credentials(message: &[u8], credentials: &Credentials) -> Result<Vec
     Ok(out)
 }
 
-/// Encodes field 2 (`auth`) holding username and password.
-fn encode_auth(credentials: &Credentials) -> Vec<u8> {
-    let mut inner = Vec::with_capacity(credentials.username.len() + credentials.password.len() + 8);
+/// Encodes field 2 (`auth`) holding username, password and server address.
+fn encode_auth(credentials: &Credentials, server_address: &str) -> Vec<u8> {
+    let mut inner = Vec::with_capacity(
+        credentials.username.len() + credentials.password.len() + server_address.len() + 12,
+    );
     put_len_field(&mut inner, AUTH_USERNAME, credentials.username.as_bytes());
     put_len_field(&mut inner, AUTH_PASSWORD, credentials.password.as_bytes());
+    if !server_address.is_empty() {
+        put_len_field(&mut inner, AUTH_SERVER_ADDRESS, server_address.as_bytes());
+    }
     let mut out = Vec::with_capacity(inner.len() + 6);
     put_len_field(&mut out, FIELD_AUTH, &inner);
     out
@@ -389,7 +402,7 @@ mod tests {
         let mut msg = req.encode_to_vec();
         // A field from a newer CRI (number 99, varint) that prost would drop.
         msg.extend_from_slice(&[0x98, 0x06, 0x2a]);
-        let out = with_credentials(&msg, &creds()).unwrap();
+        let out = with_credentials(&msg, &creds(), "https://r.example:8443").unwrap();
         // Everything before is unchanged; the new field 2 is appended.
         assert_eq!(&out[..msg.len()], &msg[..]);
         let decoded = PullImageRequest::decode(&out[..]).unwrap();
@@ -398,7 +411,7 @@ mod tests {
             (auth.username.as_str(), auth.password.as_str()),
             ("AWS", "s3cr3t-pass")
         );
-        assert_eq!(auth.server_address, "");
+        assert_eq!(auth.server_address, "https://r.example:8443");
         assert_eq!(decoded.sandbox_config, req.sandbox_config);
         assert!(read(&out).unwrap().has_credentials);
     }
@@ -415,9 +428,12 @@ mod tests {
         let mut extra = Vec::new();
         put_len_field(&mut extra, 2, &old.encode_to_vec());
         msg.extend_from_slice(&extra);
-        let out = with_credentials(&msg, &creds()).unwrap();
+        let out = with_credentials(&msg, &creds(), "").unwrap();
         let decoded = PullImageRequest::decode(&out[..]).unwrap();
-        assert_eq!(decoded.auth.unwrap().password, "s3cr3t-pass");
+        let auth = decoded.auth.unwrap();
+        assert_eq!(auth.password, "s3cr3t-pass");
+        // No server address: none is encoded.
+        assert_eq!(auth.server_address, "");
         assert!(!out.windows(5).any(|w| w == b"wrong"));
     }
 

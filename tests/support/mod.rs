@@ -156,6 +156,18 @@ impl ProxyProcess {
         } else {
             format!("sandbox_image = \"off\"\n{text}")
         };
+        // The test containerd's config (beside its socket) says where its
+        // hosts.toml files are, which decide where a token may go; the
+        // machine's /etc/containerd/config.toml is not the test's.
+        let ctd_config = upstream.with_file_name("config.toml");
+        let text = if !text.contains("containerd_config") && ctd_config.is_file() {
+            format!(
+                "containerd_config = {:?}\n{text}",
+                ctd_config.display().to_string()
+            )
+        } else {
+            text
+        };
         // A role's external id is a secret the config hands the daemon.
         for line in text.lines() {
             if let Some(v) = line.trim().strip_prefix("external_id") {

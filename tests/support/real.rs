@@ -181,23 +181,37 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry in `dir` whose only user is `user`/`password`.
     pub fn start(dir: &Path, user: &str, password: &str) -> Self {
-        super::secrets::issued(password);
+        Self::start_named(dir, "registry", Some((user, password)))
+    }
+
+    /// Starts a registry in `dir/name`: with htpasswd auth for
+    /// `user`/`password`, or open to anyone with `None`.
+    pub fn start_named(dir: &Path, name: &str, auth: Option<(&str, &str)>) -> Self {
         let bin = require("docker-registry", "the Debian package docker-registry");
-        let htpasswd = require("htpasswd", "the Debian package apache2-utils");
-        let out = Command::new(htpasswd)
-            .args(["-Bbn", user, password])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let dir = dir.join("registry");
+        let dir = dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
+        let htpasswd_section = match auth {
+            Some((user, password)) => {
+                super::secrets::issued(password);
+                let htpasswd = require("htpasswd", "the Debian package apache2-utils");
+                let out = Command::new(htpasswd)
+                    .args(["-Bbn", user, password])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success());
+                std::fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                    dir.join("htpasswd").display()
+                )
+            }
+            None => String::new(),
+        };
         let access_log = dir.join("access.log");
         let (child, port) = start_on_free_port("docker-registry", |port| {
             let config = format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\nauth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{htpasswd_section}",
                 data = dir.join("data").display(),
-                htpasswd = dir.join("htpasswd").display(),
             );
             std::fs::write(dir.join("config.yml"), config).unwrap();
             let log = std::fs::File::create(dir.join("log")).unwrap();
@@ -211,6 +225,7 @@ impl Registry {
                 .unwrap()
         });
         let addr = format!("127.0.0.1:{port}");
+        let (user, password) = auth.unwrap_or(("", ""));
         Registry {
             child: Some(child),
             addr,
@@ -712,6 +727,14 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             self.config.display()
         );
         std::fs::write(&self.config, text.replace(from, to)).unwrap();
+    }
+
+    /// Replaces the `hosts.toml` containerd reads for `host` (read at every
+    /// pull, by containerd and the daemon alike: no restart).
+    pub fn write_hosts(&self, host: &str, text: &str) {
+        let d = self.dir.join("certs.d").join(host);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("hosts.toml"), text).unwrap();
     }
 
     /// containerd's log so far.
@@ -1366,5 +1389,93 @@ impl Relay {
     /// downloads it gave up.
     pub fn closed(&self) -> usize {
         self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+// === recording relay ===
+
+/// A TCP relay in front of a registry that keeps the head of every HTTP
+/// request that passes it (containerd's pulls are GETs and HEADs without a
+/// body): what a `hosts.toml` mirror receives, seen where it arrives.
+pub struct Recorder {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    /// Relays to `target`, recording request heads.
+    pub fn start(target: &str) -> Self {
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (target, recorded) = (target.to_owned(), heads.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let recorded = recorded.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    let mut pending = Vec::new();
+                    loop {
+                        let n = match c_in.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+                            recorded.lock().unwrap().push(head);
+                            pending.drain(..end + 4);
+                        }
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_in, mut c_out) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Recorder { addr, heads }
+    }
+
+    /// Every request head so far, `Authorization` values redacted (a test
+    /// prints these; a token must not reach its output).
+    pub fn requests(&self) -> Vec<String> {
+        self.heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                h.lines()
+                    .map(|l| match l.split_once(':') {
+                        Some((name, _)) if name.eq_ignore_ascii_case("authorization") => {
+                            format!("{name}: <redacted>")
+                        }
+                        _ => l.to_owned(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\r\n")
+            })
+            .collect()
+    }
+
+    /// How many `Authorization` headers it received so far.
+    pub fn authorizations(&self) -> usize {
+        self.requests()
+            .iter()
+            .flat_map(|h| h.lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+            .count()
     }
 }
