@@ -6,9 +6,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use aws_config::imds::client::ImdsResponseRetryClassifier;
+use aws_config::meta::region::ProvideRegion;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_ecr::config::Region;
 use aws_sdk_ecr::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_runtime_api::client::interceptors::context::InterceptorContext;
+use aws_smithy_runtime_api::client::retries::classifiers::{
+    ClassifyRetry, RetryAction, SharedRetryClassifier,
+};
 use aws_smithy_types::timeout::TimeoutConfig;
 use base64::Engine;
 use futures_util::future::BoxFuture;
@@ -40,12 +46,13 @@ pub const FALLBACK_REGION: &str = "us-east-1";
 /// no region anywhere would have it looked up by each chain that wants one
 /// (three times, each failure a warning with the whole error dump); one
 /// line of ours says what was found instead.
+///
+/// Instance metadata is asked through one client of ours (see
+/// [`imds_client`]) by the region chain and the credential chain alike,
+/// which are otherwise the SDK's default chains, in the SDK's order.
 pub async fn load_sdk_config(timeout: Duration) -> SdkConfig {
-    let region = match aws_config::default_provider::region::DefaultRegionChain::builder()
-        .build()
-        .region()
-        .await
-    {
+    let imds = imds_client();
+    let region = match default_region_chain(imds.clone()).region().await {
         Some(region) => {
             tracing::debug!(region = %region, "default AWS region");
             region
@@ -58,12 +65,103 @@ pub async fn load_sdk_config(timeout: Duration) -> SdkConfig {
             Region::from_static(FALLBACK_REGION)
         }
     };
+    // What the SDK's loader gives its own default chain, but the IMDS client.
+    let provider = aws_config::provider_config::ProviderConfig::default()
+        .with_behavior_version(Some(behavior_version()))
+        .with_region(Some(region.clone()))
+        .with_retry_config(retry_config())
+        .with_timeout_config(timeout_config(timeout));
+    let credentials = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+        .imds_client(imds)
+        .configure(provider)
+        .region(region.clone())
+        .build()
+        .await;
     aws_config::defaults(behavior_version())
         .region(region)
+        .credentials_provider(credentials)
         .timeout_config(timeout_config(timeout))
         .retry_config(retry_config())
         .load()
         .await
+}
+
+/// The SDK's default region chain (environment, profile, instance
+/// metadata), with instance metadata asked through `imds`.
+fn default_region_chain(imds: aws_config::imds::Client) -> impl ProvideRegion {
+    aws_config::meta::region::RegionProviderChain::first_try(
+        aws_config::environment::region::EnvironmentVariableRegionProvider::new(),
+    )
+    .or_else(aws_config::profile::region::ProfileFileRegionProvider::new())
+    .or_else(
+        aws_config::imds::region::ImdsRegionProvider::builder()
+            .imds_client(imds)
+            .build(),
+    )
+}
+
+/// The instance-metadata client: the SDK's, with [`ImdsRetry`] deciding
+/// which failures are tried again.
+fn imds_client() -> aws_config::imds::Client {
+    aws_config::imds::Client::builder()
+        .retry_classifier(SharedRetryClassifier::new(ImdsRetry))
+        .build()
+}
+
+/// The SDK's IMDS retry rules (answers 401 and 5xx are tried again), and
+/// one more: a request whose connection broke before any answer came back.
+///
+/// The SDK's IMDS client tries again only on answers, so that a machine
+/// without instance metadata fails fast instead of waiting out timeouts.
+/// But its requests go over pooled connections, and an HTTP proxy between
+/// the node and instance metadata (one that `NO_PROXY` leaves out) closes
+/// idle ones: a request sent on a connection the proxy is closing fails
+/// with "connection closed before message completed" and, not tried again,
+/// fails the pull that needed credentials. IMDS requests are idempotent
+/// (a token `PUT` and `GET`s), so one whose connection broke is sent again.
+/// A connection that could not be made (refused, timed out) is not: that is
+/// the machine without instance metadata, which must still fail fast.
+#[derive(Debug)]
+struct ImdsRetry;
+
+impl ClassifyRetry for ImdsRetry {
+    fn name(&self) -> &'static str {
+        "ecr-pull-proxy IMDS"
+    }
+
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        if ctx.response().is_some() {
+            return ImdsResponseRetryClassifier::default().classify_retry(ctx);
+        }
+        let Some(Err(err)) = ctx.output_or_error() else {
+            return RetryAction::NoActionIndicated;
+        };
+        match err.as_connector_error() {
+            Some(c) if connection_broke(c) => RetryAction::transient_error(),
+            _ => RetryAction::NoActionIndicated,
+        }
+    }
+}
+
+/// Whether a connector error is a connection that broke under a request
+/// (closed before the answer, reset, cut short), not one never made.
+fn connection_broke(err: &aws_smithy_runtime_api::client::result::ConnectorError) -> bool {
+    use std::io::ErrorKind as Io;
+    if err.is_timeout() || err.is_user() {
+        return false;
+    }
+    // hyper's IncompleteMessage ("connection closed before message
+    // completed"), as aws-smithy-http-client classifies it.
+    if err.as_other() == Some(aws_smithy_types::retry::ErrorKind::TransientError) {
+        return true;
+    }
+    match find_source::<std::io::Error>(err) {
+        Some(io) => matches!(
+            io.kind(),
+            Io::ConnectionReset | Io::ConnectionAborted | Io::BrokenPipe | Io::UnexpectedEof
+        ),
+        None => false,
+    }
 }
 
 /// One attempt per AWS call: the token cache retries a failed fetch itself
@@ -431,6 +529,28 @@ fn find_source<'a, T: std::error::Error + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Instance-metadata requests whose connection broke under them are
+    /// sent again; connections never made, and timeouts, are not (a machine
+    /// without instance metadata must fail fast).
+    #[test]
+    fn imds_requests_are_retried_only_when_their_connection_broke() {
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        use std::io::{Error, ErrorKind as Io};
+        let io = |kind| ConnectorError::io(Box::new(Error::new(kind, "x")));
+        // hyper's IncompleteMessage, as aws-smithy-http-client reports it:
+        // the failure of the tinyproxy flake.
+        let incomplete = ConnectorError::other(
+            "connection closed before message completed".into(),
+            Some(aws_smithy_types::retry::ErrorKind::TransientError),
+        );
+        assert!(connection_broke(&incomplete));
+        assert!(connection_broke(&io(Io::ConnectionReset)));
+        assert!(connection_broke(&io(Io::BrokenPipe)));
+        assert!(!connection_broke(&io(Io::ConnectionRefused)));
+        assert!(!connection_broke(&ConnectorError::timeout("slow".into())));
+        assert!(!connection_broke(&ConnectorError::other("?".into(), None)));
+    }
 
     #[test]
     fn tokens_decode_to_user_and_password() {
