@@ -240,6 +240,7 @@ pub async fn keep_present(proxy: Proxy, config: SandboxConfig) {
     // log speaks when either changes.
     let mut known: Option<(String, bool)> = None;
     loop {
+        tracing::debug!("learning the sandbox image");
         let next = match discover(&upstream, &config).await {
             Ok(None) => return,
             // containerd may not answer yet at boot, or be down for a while.

@@ -1050,3 +1050,81 @@ fn a_server_whose_port_was_taken_is_started_again_on_another() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The sandbox keeper learns the pause image again when containerd comes
+/// back after it was down, and not when a client connection dials its own
+/// upstream connection: 100 crictl commands (each a new connection) cause
+/// no rediscovery, a containerd restart exactly one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sandbox_keeper_wakes_on_a_containerd_restart_not_on_new_connections() {
+    let mut stack = Stack::start(&[ECR_HOST]);
+    let proxy = stack.proxy("p", "sandbox_image = \"auto\"");
+    let discoveries =
+        |proxy: &support::ProxyProcess| proxy.logs().matches("learning the sandbox image").count();
+    support::wait_until(Duration::from_secs(20), "the keeper's first look", || {
+        proxy.logs().contains("sandbox image matches no pattern")
+    });
+    let before = discoveries(&proxy);
+    let crictl = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/test-tools/crictl-v1.37.0/crictl"
+    );
+    assert!(
+        std::path::Path::new(crictl).is_file(),
+        "crictl not found at {crictl}: run .ci/install"
+    );
+    let endpoint = format!("unix://{}", proxy.socket.display());
+    for _ in 0..100 {
+        let out = std::process::Command::new(crictl)
+            .args([
+                "--runtime-endpoint",
+                &endpoint,
+                "--image-endpoint",
+                &endpoint,
+            ])
+            .args(["images", "-q"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        discoveries(&proxy),
+        before,
+        "new client connections woke the sandbox keeper"
+    );
+
+    stack.containerd.restart();
+    // A call notices containerd is back (and the keeper's own retry would).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client(proxy.channel())
+        .image_fs_info(ecr_pull_proxy::cri::ImageFsInfoRequest {})
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no call answered through the restarted containerd"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    support::wait_until(Duration::from_secs(20), "the keeper to look again", || {
+        discoveries(&proxy) > before
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        discoveries(&proxy),
+        before + 1,
+        "one containerd restart should wake the keeper once:\n{}",
+        proxy.logs()
+    );
+    assert_eq!(
+        proxy.logs().matches("upstream answers again").count(),
+        1,
+        "the restart should be logged once for the daemon"
+    );
+}

@@ -64,10 +64,9 @@ pub struct Upstream {
     state: Mutex<State>,
     dialling: tokio::sync::Mutex<()>,
     generation: AtomicU64,
-    up: Gauge,
     /// Shared by the daemon's upstream connections (its own and each
-    /// client connection's): woken whenever any of them dials.
-    back: Arc<tokio::sync::Notify>,
+    /// client connection's).
+    health: Arc<Health>,
 }
 
 #[derive(Default)]
@@ -75,9 +74,52 @@ struct State {
     conn: Option<Connection>,
     /// The last dial that timed out: when, and why.
     hung: Option<(Instant, String)>,
-    /// A connection was lost (or never made) and none works yet: the next
-    /// one that does is logged.
-    down: bool,
+}
+
+/// Whether containerd answers, tracked once for the daemon: every upstream
+/// connection (the daemon's own and each client connection's) reports to
+/// it, so that the `up` gauge has one writer's meaning, a restart of
+/// containerd is logged once (not once per client connection), and
+/// [`Upstream::answers_again`] wakes only on a down → up transition, not on
+/// every client connection's first dial.
+struct Health {
+    reach: Mutex<Reach>,
+    up: Gauge,
+    back: tokio::sync::Notify,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Nothing dialled yet.
+    Unknown,
+    Up,
+    Down,
+}
+
+impl Health {
+    /// A connection was made.
+    fn connected(&self, path: &Path) {
+        let was = std::mem::replace(&mut *self.reach.lock().expect("health lock"), Reach::Up);
+        self.up.set(1);
+        match was {
+            Reach::Down => {
+                tracing::info!(upstream = %path.display(), "upstream answers again");
+                self.back.notify_waiters();
+            }
+            Reach::Unknown => tracing::debug!(upstream = %path.display(), "dialled upstream"),
+            Reach::Up => {}
+        }
+    }
+
+    /// A connection broke or could not be made; `warn` says what, logged
+    /// when containerd was not already known to be down.
+    fn down(&self, warn: impl FnOnce()) {
+        let was = std::mem::replace(&mut *self.reach.lock().expect("health lock"), Reach::Down);
+        self.up.set(0);
+        if was != Reach::Down {
+            warn();
+        }
+    }
 }
 
 /// One established connection.
@@ -96,8 +138,11 @@ impl Upstream {
             state: Mutex::new(State::default()),
             dialling: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
-            up,
-            back: Arc::new(tokio::sync::Notify::new()),
+            health: Arc::new(Health {
+                reach: Mutex::new(Reach::Unknown),
+                up,
+                back: tokio::sync::Notify::new(),
+            }),
         })
     }
 
@@ -107,22 +152,24 @@ impl Upstream {
     }
 
     /// Another connection to the same upstream (a client connection's
-    /// own), sharing the `up` gauge and [`Upstream::answers_again`].
+    /// own), sharing the daemon's view of whether containerd answers (the
+    /// `up` gauge and [`Upstream::answers_again`]).
     pub fn sibling(&self) -> Arc<Self> {
         Arc::new(Upstream {
             path: self.path.clone(),
             state: Mutex::new(State::default()),
             dialling: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
-            up: self.up.clone(),
-            back: self.back.clone(),
+            health: self.health.clone(),
         })
     }
 
-    /// Resolves the next time this upstream or a sibling dials it (after
-    /// containerd restarted, the first call that reaches it again).
+    /// Resolves when containerd answers again after it was down (a
+    /// connection lost or a dial failed): the first dial by this upstream
+    /// or a sibling that succeeds after that. A client connection's first
+    /// dial while containerd is up does not wake it.
     pub fn answers_again(&self) -> tokio::sync::futures::Notified<'_> {
-        self.back.notified()
+        self.health.back.notified()
     }
 
     fn unavailable(&self, source: BoxError) -> ProxyError {
@@ -142,13 +189,13 @@ impl Upstream {
         let mut state = self.state.lock().expect("upstream lock");
         if state.conn.as_ref().map(|c| c.generation) == Some(generation) {
             state.conn = None;
-            state.down = true;
-            self.up.set(0);
-            tracing::warn!(
-                upstream = %self.path.display(),
-                reason = why,
-                "upstream connection lost; calls answer Unavailable until it is back"
-            );
+            self.health.down(|| {
+                tracing::warn!(
+                    upstream = %self.path.display(),
+                    reason = why,
+                    "upstream connection lost; calls answer Unavailable until it is back"
+                )
+            });
         }
     }
 
@@ -180,27 +227,19 @@ impl Upstream {
             Ok(conn) => {
                 state.conn = Some(conn.clone());
                 state.hung = None;
-                self.up.set(1);
-                if std::mem::take(&mut state.down) {
-                    tracing::info!(upstream = %self.path.display(), "upstream answers again");
-                } else {
-                    tracing::debug!(upstream = %self.path.display(), "dialled upstream");
-                }
-                self.back.notify_waiters();
+                self.health.connected(&self.path);
                 Ok(conn)
             }
             Err(e) => {
                 let why = error_chain(&*e);
-                if !state.down {
+                self.health.down(|| {
                     tracing::warn!(
                         upstream = %self.path.display(),
                         error = %why,
                         "cannot reach the upstream; calls answer Unavailable until it is back"
-                    );
-                }
-                state.down = true;
+                    )
+                });
                 state.hung = hung.then(|| (Instant::now(), why.clone()));
-                self.up.set(0);
                 Err(self.unavailable(why.into()))
             }
         }
