@@ -1128,3 +1128,47 @@ async fn the_sandbox_keeper_wakes_on_a_containerd_restart_not_on_new_connections
         "the restart should be logged once for the daemon"
     );
 }
+
+/// An image name is the caller's: crictl passes one with a newline as it
+/// is (kubelet refuses such names). It must not forge a log line, in the
+/// text format or in JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_name_with_a_newline_gives_one_log_line_in_text_and_json() {
+    let stack = Stack::start(&[ECR_HOST]);
+    let forged = "docker.io/library/busybox\n2026-01-01T00:00:00Z ERROR forged=1";
+    for format in ["text", "json"] {
+        let proxy = stack.proxy_with_env_args(
+            format,
+            "",
+            stack.moto.env(),
+            vec![
+                "--log-format",
+                if format == "text" { "text" } else { "json" },
+            ],
+        );
+        pull(proxy.channel(), forged, None)
+            .await
+            .expect_err("containerd refuses the name");
+        support::wait_until(Duration::from_secs(10), "the pull line", || {
+            proxy.logs().contains("forged=1")
+        });
+        let logs = proxy.logs();
+        let lines: Vec<&str> = logs.lines().filter(|l| l.contains("forged=1")).collect();
+        assert_eq!(lines.len(), 1, "{format}: {lines:#?}");
+        let line = lines[0];
+        match format {
+            "text" => assert!(
+                line.contains(" pull ") && line.contains("busybox\\n2026"),
+                "{line}"
+            ),
+            _ => {
+                let v: serde_json::Value = serde_json::from_str(line).expect(line);
+                assert_eq!(v["message"], "pull", "{line}");
+            }
+        }
+        // No line begins with what the caller wrote after its newline.
+        assert!(!logs
+            .lines()
+            .any(|l| l.starts_with("2026-01-01T00:00:00Z ERROR")));
+    }
+}

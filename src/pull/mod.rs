@@ -30,6 +30,7 @@ use crate::call::{
 use crate::config::{ExistingCredentials, MAX_MESSAGE_SIZE};
 use crate::ecr::CacheOutcome;
 use crate::error::{error_chain, status_for, BoxError, ProxyError};
+use crate::logging::Escaped;
 use crate::ops::metrics::{Metrics, PullLabels};
 use credentials::{Resolver, Target};
 
@@ -109,7 +110,7 @@ impl PullRecord {
             })
             .inc();
         tracing::info!(
-            image = %self.image,
+            image = %Escaped(&self.image),
             registry = %self.registry,
             credentials = self.credentials.as_str(),
             cache = self.cache.map(CacheOutcome::as_str).unwrap_or("-"),
@@ -204,7 +205,7 @@ where
             };
         }
         tracing::info!(
-            image = %info.image,
+            image = %Escaped(&info.image),
             registry = %target.image_host,
             "registry refused the caller's credentials; retrying once with the ECR token"
         );
@@ -253,7 +254,7 @@ impl<F: Forward> Pull<F> {
                 };
                 if target.anonymous_on_failure {
                     tracing::warn!(
-                        image = %image,
+                        image = %Escaped(image),
                         registry = %target.image_host,
                         error = %error_chain(&err),
                         "no token; forwarding the pull without one (anonymous unless the caller sent credentials)"
@@ -267,7 +268,7 @@ impl<F: Forward> Pull<F> {
                     return self.send(parts, frame(message), None).await;
                 }
                 tracing::warn!(
-                    image = %image,
+                    image = %Escaped(image),
                     registry = %target.image_host,
                     key = %target.key,
                     error = %error_chain(&err),
@@ -284,7 +285,7 @@ impl<F: Forward> Pull<F> {
         };
         *record = Some(PullRecord::new(image, Some(target), kind, Some(outcome)));
         let destination = resolver.destination(target).await;
-        tracing::debug!(image = %image, token_to = %destination, "token scoped to the host containerd pulls from");
+        tracing::debug!(image = %Escaped(image), token_to = %destination, "token scoped to the host containerd pulls from");
         let body = match with_credentials(message, &credentials, &destination) {
             Ok(m) => frame(&m),
             Err(e) => {
