@@ -90,7 +90,7 @@ pub const CONFIG_KEYS: &[&str] = &[
 ];
 
 /// Command line.
-#[derive(Debug, Parser)]
+#[derive(Clone, Debug, Parser)]
 #[command(
     name = "ecr-pull-proxy",
     version,

@@ -141,3 +141,54 @@ async fn sighup_with_a_broken_file_changes_nothing() {
         .await
         .expect("new patterns apply");
 }
+
+/// A reload stuck in a blocking read (the config path is a FIFO no one
+/// writes) holds no CRI call back: the reload runs on the blocking pool, and
+/// ImageStatus keeps answering within 100 ms. Once the FIFO is written, the
+/// reload completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_stuck_reading_its_file_holds_no_call_back() {
+    let s = Setup::start();
+    let path = s.dir.path().join("proxy.sock.toml");
+    std::fs::remove_file(&path).unwrap();
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    s.proxy.signal(Signal::SIGHUP);
+    // Give the reload time to block in open(2).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = client(s.proxy.channel());
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let call = c.image_status(ecr_pull_proxy::cri::ImageStatusRequest {
+            image: Some(ecr_pull_proxy::cri::ImageSpec {
+                image: "busybox".into(),
+                ..Default::default()
+            }),
+            verbose: false,
+        });
+        tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("ImageStatus held back by the stuck reload")
+            .expect("ImageStatus while a reload is stuck");
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        slowest < Duration::from_millis(100),
+        "an ImageStatus took {slowest:?} while the reload was stuck"
+    );
+    assert!(!s.proxy.logs().contains("configuration reloaded"));
+    // The writer arrives: the stuck reload reads the file and applies it.
+    let writer = {
+        let path = path.clone();
+        std::thread::spawn(move || std::fs::write(path, config_for(TWO)).unwrap())
+    };
+    support::eventually(Duration::from_secs(10), "the reload", || {
+        s.proxy.logs().contains("configuration reloaded")
+    })
+    .await;
+    writer.join().unwrap();
+    pull(s.proxy.channel(), &format!("{TWO}/app:v1"), None)
+        .await
+        .expect("the reloaded patterns apply");
+}

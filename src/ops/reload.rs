@@ -25,7 +25,18 @@ pub async fn on_hangup(
     // containerd_config takes effect after a restart, as reported below.
     let containerd_config = current.sandbox.containerd_config.clone();
     while hangups.recv().await.is_some() {
-        match Config::load(&cli) {
+        // File reads, YAML and an NSS group lookup (which may ask sssd or
+        // LDAP): on the blocking pool, never on the runtime thread every
+        // CRI call needs. One reload at a time; SIGHUPs meanwhile coalesce.
+        let reading = cli.clone();
+        let loaded = match tokio::task::spawn_blocking(move || Config::load(&reading)).await {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "configuration not reloaded: the reload task failed");
+                continue;
+            }
+        };
+        match loaded {
             Ok(new) => {
                 for key in needs_restart(&current, &new) {
                     tracing::warn!(
