@@ -78,6 +78,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "aws_timeout",
     "token_wait",
     "ecr_public",
+    "extra_regions",
     "metrics_listen",
     "sandbox_image",
     "containerd_config",
@@ -268,6 +269,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     token_wait: Option<Duration>,
     ecr_public: Option<bool>,
+    #[serde(default)]
+    extra_regions: Vec<String>,
     metrics_listen: Option<String>,
     sandbox_image: Option<String>,
     containerd_config: Option<PathBuf>,
@@ -340,6 +343,8 @@ pub struct CredentialsConfig {
     pub max_token_age: Option<Duration>,
     /// Whether `public.ecr.aws` pulls get an ECR Public token.
     pub ecr_public: bool,
+    /// Regions accepted besides [`crate::ecr::KNOWN_REGIONS`].
+    pub extra_regions: Vec<String>,
 }
 
 /// The validated configuration.
@@ -500,9 +505,17 @@ impl Config {
             max_token_age = imported.cache_duration;
         }
 
+        for (i, region) in file.extra_regions.iter().enumerate() {
+            if !crate::ecr::host::is_region(region) {
+                return Err(invalid(
+                    format!("extra_regions[{i}]"),
+                    format!("{region:?} is not a region name like \"us-east-1\""),
+                ));
+            }
+        }
         let mut registries = Vec::with_capacity(file.registries.len());
         for (i, r) in file.registries.iter().enumerate() {
-            registries.push(registry_rule(i, r)?);
+            registries.push(registry_rule(i, r, &file.extra_regions)?);
         }
 
         let metrics_listen = cli
@@ -537,6 +550,7 @@ impl Config {
                 token_wait: file.token_wait.unwrap_or(DEFAULT_TOKEN_WAIT),
                 max_token_age,
                 ecr_public: file.ecr_public.unwrap_or(DEFAULT_ECR_PUBLIC),
+                extra_regions: file.extra_regions.clone(),
             },
             sandbox,
             source,
@@ -709,7 +723,11 @@ fn resolve_group(name: &str) -> Result<u32, ConfigError> {
     }
 }
 
-fn registry_rule(i: usize, r: &FileRegistry) -> Result<RegistryRule, ConfigError> {
+fn registry_rule(
+    i: usize,
+    r: &FileRegistry,
+    extra_regions: &[String],
+) -> Result<RegistryRule, ConfigError> {
     let key = format!("registries[{i}]");
     if r.patterns.is_empty() {
         return Err(invalid(
@@ -732,6 +750,15 @@ fn registry_rule(i: usize, r: &FileRegistry) -> Result<RegistryRule, ConfigError
             format!("{:?} is not an ECR registry host like \"123456789012.dkr.ecr.us-east-1.amazonaws.com\"", r.registry),
         )
     })?;
+    if !crate::ecr::host::is_known_region(registry.partition, &registry.region, extra_regions) {
+        return Err(invalid(
+            format!("{key}.registry"),
+            format!(
+                "region {:?} is not a region of partition {} known to this release; if AWS opened it after, add it to extra_regions",
+                registry.region, registry.partition
+            ),
+        ));
+    }
     let role = match &r.role_arn {
         Some(arn) => {
             if !is_role_arn(arn) {

@@ -74,6 +74,18 @@ pub enum ProxyError {
         #[source]
         source: BoxError,
     },
+    /// The image's ECR host names a region its partition does not have.
+    #[error(
+        "image {image:?}: region {region:?} is not a region of AWS partition {partition} known to this release; if AWS opened it since, add it to extra_regions in the config"
+    )]
+    UnknownRegion {
+        /// The image being pulled.
+        image: String,
+        /// The region its host names.
+        region: String,
+        /// The partition its host's DNS suffix says.
+        partition: &'static str,
+    },
     /// The upstream answer to a PullImage could not be read.
     #[error("reading the PullImage answer from upstream {}", path.display())]
     ResponseBody {
@@ -99,6 +111,7 @@ pub fn status_for(err: &ProxyError) -> Status {
         ProxyError::TooLarge { .. } | ProxyError::Budget { .. } => Code::ResourceExhausted,
         ProxyError::SlowRequest { .. } => Code::DeadlineExceeded,
         ProxyError::RequestBody { .. } => Code::Cancelled,
+        ProxyError::UnknownRegion { .. } => Code::InvalidArgument,
     };
     Status::new(code, format!("ecr-pull-proxy: {}", error_chain(err)))
 }

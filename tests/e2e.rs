@@ -609,7 +609,7 @@ async fn metrics_and_health_follow_pulls_and_containerd() {
             &after,
             pulls,
             &[
-                ("registry", ECR_HOST),
+                ("registry", "aws/us-east-1/standard"),
                 ("result", "ok"),
                 ("credentials", "injected")
             ]

@@ -151,7 +151,7 @@ async fn with_token_wait_zero_ecr_faults_fail_fast_naming_the_cause_and_calls_st
             &metrics,
             "ecr_pull_proxy_pulls_total",
             &[
-                ("registry", ECR_HOST),
+                ("registry", "aws/us-east-1/standard"),
                 ("result", "error"),
                 ("credentials", "no-token")
             ]

@@ -126,9 +126,73 @@ impl EcrHost {
     }
 }
 
+/// Every region of each partition, from the AWS SDK's partition metadata
+/// (aws-sdk-ecr 1.138's endpoint rules). A host in any other region is
+/// refused before any AWS call: a region is part of the token cache's key,
+/// of the SDK client map and of metric labels, so one a caller invents
+/// would grow all three. A region AWS opens after this release is accepted
+/// by listing it in the `extra_regions` config key, without a new build.
+pub const KNOWN_REGIONS: &[(&str, &[&str])] = &[
+    (
+        "aws",
+        &[
+            "af-south-1",
+            "ap-east-1",
+            "ap-east-2",
+            "ap-northeast-1",
+            "ap-northeast-2",
+            "ap-northeast-3",
+            "ap-south-1",
+            "ap-south-2",
+            "ap-southeast-1",
+            "ap-southeast-2",
+            "ap-southeast-3",
+            "ap-southeast-4",
+            "ap-southeast-5",
+            "ap-southeast-6",
+            "ap-southeast-7",
+            "ca-central-1",
+            "ca-west-1",
+            "eu-central-1",
+            "eu-central-2",
+            "eu-north-1",
+            "eu-south-1",
+            "eu-south-2",
+            "eu-west-1",
+            "eu-west-2",
+            "eu-west-3",
+            "il-central-1",
+            "me-central-1",
+            "me-south-1",
+            "mx-central-1",
+            "sa-east-1",
+            "us-east-1",
+            "us-east-2",
+            "us-west-1",
+            "us-west-2",
+        ],
+    ),
+    ("aws-cn", &["cn-north-1", "cn-northwest-1"]),
+    ("aws-eusc", &["eusc-de-east-1"]),
+    ("aws-iso", &["us-iso-east-1", "us-iso-west-1"]),
+    ("aws-iso-b", &["us-isob-east-1", "us-isob-west-1"]),
+    ("aws-iso-e", &["eu-isoe-west-1"]),
+    ("aws-iso-f", &["us-isof-east-1", "us-isof-south-1"]),
+    ("aws-us-gov", &["us-gov-east-1", "us-gov-west-1"]),
+];
+
+/// Whether `region` is one of `partition`'s in [`KNOWN_REGIONS`] or in
+/// `extra` (the `extra_regions` config key).
+pub fn is_known_region(partition: &str, region: &str, extra: &[String]) -> bool {
+    extra.iter().any(|r| r == region)
+        || KNOWN_REGIONS
+            .iter()
+            .any(|(p, regions)| *p == partition && regions.contains(&region))
+}
+
 /// `us-east-1`, `us-gov-west-1`, `cn-north-1`, `eusc-de-east-1`,
 /// `us-isob-east-1`: lower-case words joined by '-', ending in a number.
-fn is_region(region: &str) -> bool {
+pub fn is_region(region: &str) -> bool {
     let parts: Vec<&str> = region.split('-').collect();
     parts.len() >= 3
         && parts[..parts.len() - 1]

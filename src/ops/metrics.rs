@@ -2,9 +2,10 @@
 //! them with `/healthz` and `/readyz`.
 //!
 //! Labels are low-cardinality by construction: CRI method names (anything
-//! else is `other`), gRPC codes, registry hosts that matched a configured
-//! pattern (anything else is `other`), credential sources, AWS API names and
-//! error codes. Never an image name, never a secret.
+//! else is `other`), gRPC codes, the token key a pull's configured rule
+//! decided (partition, a region its partition has, endpoint variant, a
+//! configured role; anything else is `other`), credential sources, AWS API
+//! names and error codes. Never an image name or host, never a secret.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,7 +110,11 @@ pub struct MethodLabels {
 /// Labels of `pulls_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PullLabels {
-    /// Registry host that matched a pattern, or `other`.
+    /// The token key the configuration decided for the pull
+    /// (`aws/us-east-1/standard`, `ecr-public/aws/us-east-1/standard`, with
+    /// ` as ROLE_ARN` for a `[[registries]]` role), or `other`: bounded by
+    /// the configuration and the known regions, never by what a caller
+    /// sends.
     pub registry: String,
     /// `ok`, `error` or `cancelled`.
     pub result: &'static str,

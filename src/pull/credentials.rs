@@ -114,6 +114,19 @@ impl Resolver {
         })
     }
 
+    /// Whether `target`'s region is one its partition has (or one
+    /// `extra_regions` adds). A token is never asked for in another: the
+    /// region is part of the cache key, the SDK client map and metric
+    /// labels, and a caller could invent any number of them.
+    pub fn region_known(&self, target: &Target) -> bool {
+        target.key.service == crate::ecr::EcrService::Public
+            || crate::ecr::host::is_known_region(
+                target.key.partition,
+                &target.key.region,
+                &self.config.extra_regions,
+            )
+    }
+
     /// Why `image` gets no token (for `check`), or `None` when it does.
     pub fn why_not(&self, image: &str) -> Option<String> {
         if self.target(image).is_some() {

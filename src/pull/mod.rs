@@ -34,6 +34,10 @@ use crate::logging::Escaped;
 use crate::ops::metrics::{Metrics, PullLabels};
 use credentials::{Resolver, Target};
 
+/// The `registry` label of pulls that got no token from a configured rule
+/// (no match, or a region no partition has).
+pub const OTHER_REGISTRY: &str = "other";
+
 /// How the credentials of a forwarded pull were decided, for logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CredentialSourceKind {
@@ -68,6 +72,10 @@ impl CredentialSourceKind {
 pub struct PullRecord {
     image: String,
     registry: String,
+    /// The `registry` label: what the configuration decided (the token key:
+    /// service, partition, region, endpoint variant, configured role), never
+    /// the image's own host, which the caller chooses.
+    label: String,
     credentials: CredentialSourceKind,
     cache: Option<CacheOutcome>,
 }
@@ -79,9 +87,14 @@ impl PullRecord {
         credentials: CredentialSourceKind,
         cache: Option<CacheOutcome>,
     ) -> Self {
+        let label = match (credentials, target) {
+            (CredentialSourceKind::None, _) | (_, None) => OTHER_REGISTRY.to_owned(),
+            (_, Some(t)) => t.key.to_string(),
+        };
         PullRecord {
             image: image.to_owned(),
             registry: target.map(|t| t.image_host.clone()).unwrap_or_default(),
+            label,
             credentials,
             cache,
         }
@@ -95,16 +108,10 @@ impl PullRecord {
             ("cancelled", _) => "cancelled",
             _ => "error",
         };
-        // Only hosts that matched a configured pattern become label
-        // values, so a client cannot grow the label set at will.
-        let registry = match self.credentials {
-            CredentialSourceKind::None => "other".to_owned(),
-            _ => self.registry.clone(),
-        };
         metrics
             .pulls
             .get_or_create(&PullLabels {
-                registry,
+                registry: self.label.clone(),
                 result,
                 credentials: self.credentials.as_str(),
             })
@@ -173,6 +180,21 @@ where
         ));
         return pull.send(&parts, body, request_trailers).await;
     };
+    if !resolver.region_known(&target) {
+        let err = ProxyError::UnknownRegion {
+            image: info.image.clone(),
+            region: target.key.region.clone(),
+            partition: target.key.partition,
+        };
+        tracing::warn!(registry = %Escaped(&target.image_host), error = %error_chain(&err), "PullImage refused");
+        *record = Some(PullRecord::new(
+            &info.image,
+            None,
+            CredentialSourceKind::NoToken,
+            None,
+        ));
+        return status_response(&status_for(&err));
+    }
     let policy = resolver.existing_credentials();
     if info.has_credentials && policy == ExistingCredentials::Keep {
         *record = Some(PullRecord::new(
