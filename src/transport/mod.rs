@@ -7,6 +7,7 @@
 //! a frame. Its limits are named constants: towards callers in [`server`],
 //! towards containerd in [`upstream`].
 
+pub mod connections;
 pub mod server;
 pub mod service;
 pub mod socket;

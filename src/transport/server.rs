@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::UnixStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use super::connections::{Activity, CallGuard, Peer, Registered, Registry, Room};
 use super::socket::Listening;
 use super::Proxy;
 use crate::error::error_chain;
@@ -27,8 +28,10 @@ use crate::error::error_chain;
 // ([`crate::budget`]). [`MAX_CONNECTIONS`] bounds the sum.
 
 /// Most client connections served at once. kubelet keeps one; crictl opens
-/// one per command; a node has a few more callers at most. Past it, a new
-/// connection waits (in the socket's backlog) until one closes.
+/// one per command; a node has a few more callers at most. At the limit, a
+/// new connection is served in place of the longest-idle connection of the
+/// process that holds the most ([`super::connections`]); only when every
+/// connection has a call in flight does it wait (in the socket's backlog).
 pub const MAX_CONNECTIONS: usize = 32;
 /// Most concurrent calls per client connection. kubelet makes a handful at
 /// a time on one connection (pulls are serialised by default); a caller
@@ -98,22 +101,55 @@ pub async fn serve(
     let (drain, draining) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let registry = Arc::new(Registry::new());
     let mut limit_warned: Option<Instant> = None;
     let mut times_reached: u64 = 0;
     loop {
-        // A free slot first, then the next connection.
+        let stream = tokio::select! {
+            accepted = listening.listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::error!(error = &e as &dyn std::error::Error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let peer = Peer::of(&stream);
+        // A free slot, or one made free: a new connection is not the one
+        // that waits while another sits idle.
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 times_reached += 1;
+                let room = registry.make_room();
                 if limit_warned.is_none_or(|at| at.elapsed() >= CONNECTION_LIMIT_WARNING_INTERVAL) {
-                    tracing::warn!(
-                        limit = MAX_CONNECTIONS,
-                        times_reached,
-                        "client connection limit reached; new connections wait until one closes"
-                    );
+                    match room {
+                        Room::Closing {
+                            peer: closed,
+                            idle,
+                            held,
+                        } => tracing::warn!(
+                            limit = MAX_CONNECTIONS,
+                            times_reached,
+                            closed = %closed,
+                            closed_holds = held,
+                            idle_s = idle.as_secs(),
+                            new = %peer,
+                            "client connection limit reached; closing the longest-idle connection of the process that holds the most"
+                        ),
+                        Room::NoneIdle => tracing::warn!(
+                            limit = MAX_CONNECTIONS,
+                            times_reached,
+                            new = %peer,
+                            "client connection limit reached and every connection has a call in flight; the new connection waits until one closes"
+                        ),
+                    }
                     limit_warned = Some(Instant::now());
                     times_reached = 0;
+                } else {
+                    tracing::debug!(room = ?room, new = %peer, "client connection limit reached");
                 }
                 tokio::select! {
                     slot = slots.clone().acquire_owned() => slot.expect("never closed"),
@@ -121,25 +157,15 @@ pub async fn serve(
                 }
             }
         };
-        tokio::select! {
-            accepted = listening.listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    proxy.metrics().connections.inc();
-                    tokio::spawn(serve_connection(
-                        stream,
-                        proxy.clone(),
-                        builder.clone(),
-                        draining.clone(),
-                        slot,
-                    ));
-                }
-                Err(e) => {
-                    tracing::error!(error = &e as &dyn std::error::Error, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                }
-            },
-            () = &mut shutdown => break,
-        }
+        proxy.metrics().connections.inc();
+        tokio::spawn(serve_connection(
+            stream,
+            proxy.clone(),
+            builder.clone(),
+            draining.clone(),
+            slot,
+            registry.register(peer),
+        ));
     }
     listening.remove();
     drop(listening);
@@ -164,6 +190,7 @@ async fn serve_connection(
     builder: hyper::server::conn::http2::Builder<TokioExecutor>,
     mut draining: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
+    registered: Registered,
 ) {
     let open = proxy.metrics().connections_open.clone();
     open.inc();
@@ -172,10 +199,17 @@ async fn serve_connection(
     });
     let first = std::sync::Once::new();
     let client = Arc::new(proxy.client_connection());
+    let activity: Arc<Activity> = registered.activity().clone();
+    let calls = activity.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         first.call_once(|| log_authority(&req));
         let (proxy, client) = (proxy.clone(), client.clone());
-        async move { Ok::<_, Infallible>(proxy.handle_for(&client, req).await) }
+        // Active until the answer has been sent in full (or dropped).
+        let call = calls.call();
+        async move {
+            let resp = proxy.handle_for(&client, req).await;
+            Ok::<_, Infallible>(resp.map(|body| Active { body, _call: call }))
+        }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     let mut conn = std::pin::pin!(conn);
@@ -190,6 +224,10 @@ async fn serve_connection(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
+            () = activity.closing(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     };
     if let Err(e) = result {
@@ -198,6 +236,32 @@ async fn serve_connection(
         } else {
             tracing::warn!(error = %error_chain(&e), "closed a client connection");
         }
+    }
+}
+
+/// An answer's body, with its call counted active until it is dropped.
+struct Active<B> {
+    body: B,
+    _call: CallGuard,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Active<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
