@@ -1302,3 +1302,73 @@ async fn pull_message_floods_leave_real_ecr_pulls_answering_within_a_second() {
     assert!(pulls >= 5, "only {pulls} pulls");
     assert_within_budget(idle, hwm, slowest);
 }
+
+/// The metrics endpoint is bounded like the CRI side: at most
+/// `MAX_ADMIN_CONNECTIONS` at once (past it a new connection is closed at
+/// once), and a connection that sends nothing or trickles its headers is
+/// closed after `ADMIN_HEADER_READ_TIMEOUT`; then it answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_endpoint_bounds_connections_and_header_time() {
+    use ecr_pull_proxy::ops::admin::{ADMIN_HEADER_READ_TIMEOUT, MAX_ADMIN_CONNECTIONS};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let b = start().await;
+    let closed_within = |mut s: UnixStream, limit: Duration| {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut buf = [0u8; 64];
+        matches!(s.read(&mut buf), Ok(0) | Err(_)) && {
+            // Not a timeout of ours: the daemon closed it.
+            let mut again = [0u8; 1];
+            matches!(s.read(&mut again), Ok(0))
+        }
+    };
+    let started = Instant::now();
+    let silent: Vec<UnixStream> = (0..MAX_ADMIN_CONNECTIONS - 1)
+        .map(|_| UnixStream::connect(&b.metrics).unwrap())
+        .collect();
+    // The last slot: a client that sends one header byte a second, never
+    // finishing; the daemon must close it after the header timeout too.
+    let mut trickler = UnixStream::connect(&b.metrics).unwrap();
+    let reader = trickler.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for c in b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
+            .iter()
+            .cycle()
+            .take(60)
+        {
+            if trickler.write_all(&[*c]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    // Give the daemon time to take every one of them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One past the limit is closed at once.
+    let extra = UnixStream::connect(&b.metrics).unwrap();
+    assert!(
+        closed_within(extra, Duration::from_secs(2)),
+        "a connection past the limit was kept"
+    );
+    assert!(b
+        .proxy
+        .logs()
+        .contains("metrics endpoint: connection limit reached"));
+    assert!(
+        closed_within(reader, ADMIN_HEADER_READ_TIMEOUT + Duration::from_secs(5)),
+        "a client trickling its headers was kept past {ADMIN_HEADER_READ_TIMEOUT:?}"
+    );
+    // The silent ones are closed by the daemon after the header timeout.
+    for s in silent {
+        assert!(
+            closed_within(s, ADMIN_HEADER_READ_TIMEOUT + Duration::from_secs(5)),
+            "a silent connection was kept past {ADMIN_HEADER_READ_TIMEOUT:?}"
+        );
+    }
+    assert!(started.elapsed() >= ADMIN_HEADER_READ_TIMEOUT);
+    // And the endpoint answers again.
+    support::eventually(Duration::from_secs(10), "/healthz answers", || {
+        support::get_unix(&b.metrics, "/healthz").contains("ok")
+    })
+    .await;
+}

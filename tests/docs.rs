@@ -191,6 +191,14 @@ fn readme_states_the_defaults_the_code_uses() {
     let rows = [
         format!("| client connections | {} | `MAX_CONNECTIONS` |", srv::MAX_CONNECTIONS),
         format!(
+            "| metrics endpoint connections (past it a new one is closed at once) | {} | `MAX_ADMIN_CONNECTIONS` |",
+            ecr_pull_proxy::ops::admin::MAX_ADMIN_CONNECTIONS
+        ),
+        format!(
+            "| time a metrics endpoint client has to send its request headers (and an idle keep-alive connection is kept) | {} s | `ADMIN_HEADER_READ_TIMEOUT` |",
+            ecr_pull_proxy::ops::admin::ADMIN_HEADER_READ_TIMEOUT.as_secs()
+        ),
+        format!(
             "| calls per connection | {} (gRPC clients queue beyond it) | `MAX_CONCURRENT_STREAMS` |",
             srv::MAX_CONCURRENT_STREAMS
         ),

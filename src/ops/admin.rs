@@ -4,13 +4,14 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::config::MetricsListen;
 use crate::ops::metrics::Metrics;
@@ -18,6 +19,18 @@ use crate::transport::Proxy;
 
 /// Mode of a Unix metrics socket.
 pub const METRICS_SOCKET_MODE: u32 = 0o660;
+
+/// Most connections the endpoint serves at once. A Prometheus scraper and a
+/// probe or two use it; past this, a new connection is closed at once (and
+/// said so at most once per [`ADMIN_REFUSED_WARNING_INTERVAL`]), so no
+/// caller can grow what the endpoint holds.
+pub const MAX_ADMIN_CONNECTIONS: usize = 16;
+/// How long a client has to send a request's headers, and how long an idle
+/// keep-alive connection is kept: a connection that sends nothing, or
+/// trickles its headers, is closed after this.
+pub const ADMIN_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one "connection refused" warning per this long.
+pub const ADMIN_REFUSED_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Content type of `/metrics`.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -67,6 +80,13 @@ pub async fn bind(addr: &MetricsListen) -> Result<AdminListener, AdminError> {
 
 /// Serves until the process ends.
 pub async fn serve(listener: AdminListener, proxy: Proxy, metrics: Arc<Metrics>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut refused: u64 = 0;
+    let mut warned: Option<Instant> = None;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_READ_TIMEOUT);
     loop {
         let accepted: std::io::Result<Box<dyn IoStream>> = match &listener {
             AdminListener::Tcp(l) => l
@@ -89,15 +109,28 @@ pub async fn serve(listener: AdminListener, proxy: Proxy, metrics: Arc<Metrics>)
                 continue;
             }
         };
-        let (proxy, metrics) = (proxy.clone(), metrics.clone());
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if warned.is_none_or(|at| at.elapsed() >= ADMIN_REFUSED_WARNING_INTERVAL) {
+                tracing::warn!(
+                    limit = MAX_ADMIN_CONNECTIONS,
+                    refused,
+                    "metrics endpoint: connection limit reached; closing new connections until one ends"
+                );
+                warned = Some(Instant::now());
+                refused = 0;
+            }
+            drop(stream);
+            continue;
+        };
+        let (proxy, metrics, builder) = (proxy.clone(), metrics.clone(), builder.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let (proxy, metrics) = (proxy.clone(), metrics.clone());
                 async move { Ok::<_, Infallible>(route(req, &proxy, &metrics).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
