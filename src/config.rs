@@ -417,6 +417,12 @@ pub enum ConfigError {
         /// What toml says, with line and column.
         message: String,
     },
+    /// A file that decides who gets the token is writable by every user.
+    #[error("{} is world-writable: any local user could decide who receives the node's ECR token; run `chmod o-w {}`", path.display(), path.display())]
+    WorldWritable {
+        /// The file.
+        path: PathBuf,
+    },
     /// A key has a value that is not accepted.
     #[error("{key}: {message}")]
     Invalid {
@@ -599,19 +605,24 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    // The file decides who gets credentials; a file anyone can edit would let
-    // any local user send the node's ECR token to a host of their choosing.
-    if meta.is_file() && meta.permissions().mode() & 0o002 != 0 {
-        return Err(ConfigError::Parse {
-            path: path.to_owned(),
-            message: "file is world-writable; run `chmod o-w` on it".into(),
-        });
-    }
+    refuse_world_writable(path, &meta)?;
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
     parse(&text, path)
+}
+
+/// The config file and an imported `CredentialProviderConfig` decide who
+/// gets credentials; a file anyone can edit would let any local user send
+/// the node's ECR token to a host of their choosing.
+fn refuse_world_writable(path: &Path, meta: &std::fs::Metadata) -> Result<(), ConfigError> {
+    if meta.is_file() && meta.permissions().mode() & 0o002 != 0 {
+        return Err(ConfigError::WorldWritable {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
@@ -828,6 +839,9 @@ struct ProviderEntry {
 /// `CredentialProviderConfig` (YAML or JSON, as kubelet accepts).
 fn import_credential_provider_config(path: &Path) -> Result<Imported, ConfigError> {
     const KEY: &str = "credential_provider_config";
+    if let Ok(meta) = std::fs::metadata(path) {
+        refuse_world_writable(path, &meta)?;
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(KEY, format!("cannot read {}: {e}", path.display())))?;
     // YAML is a superset of JSON, so one parser reads both forms.
@@ -1091,7 +1105,30 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         let cli = Cli::try_parse_args(["x", "--config", path.to_str().unwrap()]).unwrap();
         let e = Config::load(&cli).unwrap_err().to_string();
-        assert!(e.contains("world-writable"), "{e}");
+        assert!(
+            e.contains("world-writable") && e.contains("chmod o-w"),
+            "{e}"
+        );
+        assert!(matches!(
+            Config::load(&cli).unwrap_err(),
+            ConfigError::WorldWritable { .. }
+        ));
+        // An imported CredentialProviderConfig decides who gets the token
+        // too.
+        let provider = dir.path().join("provider.yaml");
+        std::fs::write(
+            &provider,
+            "providers:\n  - name: ecr-credential-provider\n    matchImages: [\"*.dkr.ecr.*.amazonaws.com\"]\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&provider, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = Config::from_toml(&format!("credential_provider_config = {provider:?}"), &cli)
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::WorldWritable { .. }), "{e}");
+        std::fs::set_permissions(&provider, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            Config::from_toml(&format!("credential_provider_config = {provider:?}"), &cli).is_ok()
+        );
         let cli = Cli::try_parse_args(["x", "--config", "/nonexistent/config.toml"]).unwrap();
         assert!(Config::load(&cli)
             .unwrap_err()

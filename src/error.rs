@@ -54,7 +54,7 @@ pub enum ProxyError {
         limit: usize,
     },
     /// Reading the message would pass a buffering budget.
-    #[error("PullImage messages being read on {scope} already hold the {limit} bytes allowed; try again")]
+    #[error("PullImage messages in flight on {scope} would take more than the {limit} bytes allowed; try again")]
     Budget {
         /// What the budget covers.
         scope: &'static str,

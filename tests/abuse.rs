@@ -720,7 +720,7 @@ async fn pull_message_floods_are_bounded_and_other_callers_are_answered() {
     );
     assert!(
         logs.contains(&format!(
-            "already hold the {PULL_BUFFER_PER_CONNECTION} bytes allowed"
+            "would take more than the {PULL_BUFFER_PER_CONNECTION} bytes allowed"
         )),
         "{logs}"
     );

@@ -375,6 +375,17 @@ impl TokenCache {
         tokio::spawn(async move {
             let _guard = slot.fetch.clone().lock_owned().await;
             let _done = FetchDone(&slot);
+            // Queued behind a refresh that has stored a usable token: the
+            // pulls waiting take that one; no second call.
+            let stored = {
+                let st = slot.state.lock().expect("token state lock");
+                st.token
+                    .as_ref()
+                    .is_some_and(|t| Instant::now() < t.usable_until)
+            };
+            if stored {
+                return;
+            }
             loop {
                 let result = this.fetch_and_store(&key, &slot).await;
                 let retry_in = {
@@ -625,6 +636,29 @@ mod tests {
             assert_eq!(c.password, "pw-1");
         }
         assert_eq!(source.calls(), 1);
+    }
+
+    /// A pull whose token ran out while a (slow) refresh was running queues
+    /// its fetch behind the refresh; when the refresh stores a token, the
+    /// pull takes it and no second call is made.
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_queued_behind_a_successful_refresh_makes_no_call() {
+        let source = Scripted::new(Duration::from_secs(7 * 3600), Some(TWELVE_HOURS));
+        let cache = cache_over(source.clone());
+        cache.get(&key(), Duration::ZERO).await.unwrap();
+        assert_eq!(source.calls(), 1);
+        // Past the refresh point: a hit starts the (7 h) refresh.
+        tokio::time::advance(Duration::from_secs(6 * 3600 + 1)).await;
+        cache.get(&key(), Duration::ZERO).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(source.calls(), 2);
+        // Past the token's usable life, the refresh still running: the pull
+        // waits for a fetch, which queues behind the refresh.
+        tokio::time::advance(Duration::from_secs(6 * 3600)).await;
+        let (c, outcome) = cache.get(&key(), Duration::ZERO).await.unwrap();
+        assert_eq!(outcome, CacheOutcome::Miss);
+        assert_eq!(c.password, "pw-2", "the refresh's token");
+        assert_eq!(source.calls(), 2, "the queued fetch called AWS again");
     }
 
     #[tokio::test(start_paused = true)]
