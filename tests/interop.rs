@@ -993,10 +993,21 @@ fn crictl(socket: &Path, args: &[&str]) -> (i32, String, String) {
         .args(args)
         .output()
         .unwrap();
+    // crictl's log lines carry the second they were written: two runs a
+    // moment apart differ there and nowhere else.
+    let untimed = |text: &str| {
+        text.lines()
+            .map(|l| match (l.find("time=\""), l.find("\" level=")) {
+                (Some(a), Some(b)) if a < b => format!("{}time=T{}", &l[..a], &l[b + 1..]),
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        untimed(&String::from_utf8_lossy(&out.stderr)),
     )
 }
 
