@@ -786,7 +786,7 @@ async fn a_process_holding_connections_never_locks_out_another() {
     let b = start().await;
     raw::image_fs_info(b.proxy.channel()).await.unwrap();
     let (idle, _) = b.proxy.rss_kib();
-    let kubelet_client = kubelet_1_30_client();
+    let kubelet_client = support::kubelet_1_30_client();
     let started = Instant::now();
     let mut held = Vec::new();
     for round in [64usize, 2000] {
@@ -812,7 +812,7 @@ async fn a_process_holding_connections_never_locks_out_another() {
         // Other processes get in at once.
         let endpoint = format!("unix://{}", b.proxy.socket.display());
         let t = Instant::now();
-        let out = std::process::Command::new(CRICTL)
+        let out = std::process::Command::new(support::crictl())
             .args([
                 "--runtime-endpoint",
                 &endpoint,
@@ -916,20 +916,6 @@ async fn hanging_call(
     tx.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
         .unwrap();
     (send, tx, resp)
-}
-
-/// crictl v1.37.0, as `.ci/install` builds it.
-const CRICTL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/target/test-tools/crictl-v1.37.0/crictl"
-);
-
-/// kubelet v1.30.14's CRI client (tests/support/kubelet130/cri_caller).
-fn kubelet_1_30_client() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| support::go::build_module("kubelet130", "cri_caller", "kubelet-1.30-cri"))
-        .clone()
 }
 
 /// A new connection to the proxy with one `ImageFsInfo` answered: the

@@ -1065,14 +1065,7 @@ async fn the_sandbox_keeper_wakes_on_a_containerd_restart_not_on_new_connections
         proxy.logs().contains("sandbox image matches no pattern")
     });
     let before = discoveries(&proxy);
-    let crictl = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/target/test-tools/crictl-v1.37.0/crictl"
-    );
-    assert!(
-        std::path::Path::new(crictl).is_file(),
-        "crictl not found at {crictl}: run .ci/install"
-    );
+    let crictl = support::crictl();
     let endpoint = format!("unix://{}", proxy.socket.display());
     for _ in 0..100 {
         let out = std::process::Command::new(crictl)

@@ -233,18 +233,10 @@ fn grpcio_with_default_options_gets_what_it_gets_direct_on_containerd_2() {
     );
 }
 
-/// kubelet v1.30.14's CRI client (what kubelet and crictl 1.30 dial with).
-fn kubelet_1_30_client() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| support::go::build_module("kubelet130", "cri_caller", "kubelet-1.30-cri"))
-        .clone()
-}
-
 #[test]
 fn kubelet_1_30s_cri_client_gets_what_it_gets_direct_on_containerd_1_6() {
     gets_what_it_gets_direct(
-        &[kubelet_1_30_client()],
+        &[support::kubelet_1_30_client()],
         &[],
         ContainerdVersion::One,
         "percent-encoded-path",
@@ -254,7 +246,7 @@ fn kubelet_1_30s_cri_client_gets_what_it_gets_direct_on_containerd_1_6() {
 #[test]
 fn kubelet_1_30s_cri_client_gets_what_it_gets_direct_on_containerd_2() {
     gets_what_it_gets_direct(
-        &[kubelet_1_30_client()],
+        &[support::kubelet_1_30_client()],
         &[],
         ContainerdVersion::Two,
         "percent-encoded-path",
@@ -972,19 +964,9 @@ fn stream_images_against_real_containerd_gets_what_it_gets_direct() {
 
 // === crictl ===
 
-/// Where `.ci/install` builds crictl v1.37.0 from cri-tools' tag.
-const CRICTL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/target/test-tools/crictl-v1.37.0/crictl"
-);
-
 /// Runs `crictl ARGS` against `socket`: (exit code, stdout, stderr).
 fn crictl(socket: &Path, args: &[&str]) -> (i32, String, String) {
-    assert!(
-        Path::new(CRICTL).is_file(),
-        "crictl not found at {CRICTL}: run .ci/install (it builds crictl v1.37.0 from the Go module proxy)"
-    );
-    let out = Command::new(CRICTL)
+    let out = Command::new(support::crictl())
         .arg("--image-endpoint")
         .arg(format!("unix://{}", socket.display()))
         .arg("--runtime-endpoint")

@@ -47,11 +47,6 @@ impl Version {
         }
     }
 }
-/// crictl, to read containerd's own view.
-const CRICTL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/target/test-tools/crictl-v1.37.0/crictl"
-);
 
 /// A standalone kubelet (no API server): static pods from a directory,
 /// cgroupfs (this VM has cgroup v1), host-network pods (no CNI), loopback
@@ -158,7 +153,7 @@ impl Drop for Kubelet {
 
 /// The names of the containers containerd runs now.
 fn running_containers(containerd: &Path) -> Vec<String> {
-    let out = Command::new(CRICTL)
+    let out = Command::new(support::crictl())
         .arg(format!(
             "--runtime-endpoint=unix://{}",
             containerd.display()
@@ -341,7 +336,7 @@ fn kubelet_runs_pods_from_private_ecr(version: Version, containerd: ContainerdVe
         || !running_containers(&ctd).contains(&"app".to_owned()),
         || k.log(),
     );
-    let rmi = Command::new(CRICTL)
+    let rmi = Command::new(support::crictl())
         .arg(format!("--image-endpoint=unix://{}", ctd.display()))
         .args(["rmi", &image])
         .output()
@@ -396,7 +391,7 @@ fn kubelet_runs_pods_from_private_ecr(version: Version, containerd: ContainerdVe
     drop(k);
     // The pods' containers outlive containerd (their shims do): remove
     // every pod while containerd still runs, and check that none is left.
-    let rmp = Command::new(CRICTL)
+    let rmp = Command::new(support::crictl())
         .arg(format!("--runtime-endpoint=unix://{}", ctd.display()))
         .args(["rmp", "--force", "--all"])
         .output()

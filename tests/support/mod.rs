@@ -34,6 +34,30 @@ pub fn short_tempdir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// crictl v1.37.0, as `.ci/install` builds it.
+pub const CRICTL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/target/test-tools/crictl-v1.37.0/crictl"
+);
+
+/// [`CRICTL`], failing with the install hint when it is missing.
+pub fn crictl() -> &'static str {
+    assert!(
+        Path::new(CRICTL).is_file(),
+        "crictl not found at {CRICTL}: run .ci/install (it builds crictl v1.37.0 from the Go module proxy)"
+    );
+    CRICTL
+}
+
+/// kubelet v1.30.14's CRI client (tests/support/kubelet130/cri_caller: what
+/// kubelet and crictl 1.30 dial with), built once per test binary.
+pub fn kubelet_1_30_client() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| go::build_module("kubelet130", "cri_caller", "kubelet-1.30-cri"))
+        .clone()
+}
+
 /// Path of a binary the test needs; panics with the install hint if absent.
 pub fn require(bin: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
