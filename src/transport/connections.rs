@@ -100,11 +100,11 @@ impl Drop for CallGuard {
 }
 
 /// The open client connections.
-#[derive(Default)]
 pub struct Registry {
     open: Mutex<HashMap<u64, Arc<Activity>>>,
     next: AtomicU64,
-    base: Option<Instant>,
+    /// What every connection's activity times are counted from.
+    base: Instant,
 }
 
 /// What [`Registry::make_room`] did.
@@ -124,19 +124,26 @@ pub enum Room {
     NoneIdle,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            open: Mutex::default(),
+            next: AtomicU64::new(0),
+            base: Instant::now(),
+        }
+    }
+}
+
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
-        Registry {
-            base: Some(Instant::now()),
-            ..Default::default()
-        }
+        Self::default()
     }
 
     /// Registers a connection of `peer`; it is forgotten when the returned
     /// handle is dropped.
     pub fn register(self: &Arc<Self>, peer: Peer) -> Registered {
-        let base = self.base.unwrap_or_else(Instant::now);
+        let base = self.base;
         let activity = Arc::new(Activity {
             peer,
             base,
@@ -162,7 +169,7 @@ impl Registry {
     /// connections (among processes that have an idle one).
     pub fn make_room(&self) -> Room {
         let open = self.open.lock().expect("connections lock");
-        let now_ms = self.base.map_or(0, |b| b.elapsed().as_millis() as u64);
+        let now_ms = self.base.elapsed().as_millis() as u64;
         let mut held: HashMap<Peer, usize> = HashMap::new();
         for a in open.values() {
             *held.entry(a.peer).or_default() += 1;
