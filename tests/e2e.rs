@@ -801,7 +801,18 @@ async fn the_sandbox_image_in_private_ecr_is_kept_present() {
     assert!(!has_pause(direct()).await);
     pause_within("the pause image after it was removed").await;
 
-    // containerd restarted without it: back once containerd answers.
+    // containerd restarted without it: back once containerd answers. The
+    // image is removed and containerd killed right after one of the
+    // keeper's checks (every 2 s), so that no check can pull it in between
+    // (that pull, cut by the kill, would leave the image present after the
+    // restart with no `ok` pull counted).
+    let checks = || proxy.logs().matches("learning the sandbox image").count();
+    let before = checks();
+    support::eventually(Duration::from_secs(10), "a keeper check", || {
+        checks() > before
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     remove(direct(), &pause).await;
     containerd.restart();
     // kubelet's calls reach containerd through the proxy as it comes back.
