@@ -230,7 +230,7 @@ fn scheme_and_host(server: &str) -> String {
 
 /// The host containerd contacts for `host` when no `hosts.toml` names a
 /// server (Docker Hub's name is not its API host).
-fn default_server(host: &str) -> String {
+pub fn default_server(host: &str) -> String {
     match host {
         "docker.io" => "https://registry-1.docker.io".to_owned(),
         _ => format!("https://{host}"),

@@ -175,7 +175,7 @@ impl Resolver {
             crate::containerd_config::final_server(&roots, &host)
         })
         .await
-        .unwrap_or_else(|_| format!("https://{fallback}"))
+        .unwrap_or_else(|_| crate::containerd_config::default_server(&fallback))
     }
 
     /// Credentials for `target`. A pull that may go on anonymously does
